@@ -1,0 +1,145 @@
+"""Typed adapter configs: the single source of truth for the API, the files and the CLI.
+
+Every field carries its help text in `metadata["help"]`; `from_dict` rejects unknown keys
+and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from .errors import Problems, did_you_mean
+
+MODES = ("absent", "trained", "tied", "random", "frozen")
+INITS = ("zeros", "ones", "kaiming_uniform", "he_uniform", "normal")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _copy(x: Any) -> Any:
+    return dataclasses.replace(x) if dataclasses.is_dataclass(x) else type(x)(x)
+
+
+@dataclass
+class Part:
+    """One factor of h = W0 x + s * diag(b) B diag(d) A x."""
+
+    mode: str = _f("absent", "absent (identity) | trained (per layer) | tied (shared, trained) | "
+                   "random (shared, frozen, regenerated from the seed) | frozen (per layer, frozen at init)")
+    init: Union[str, float] = _f("zeros", "zeros | ones | kaiming_uniform (nn.Linear default, bound 1/sqrt(fan_in); LoRA) | "
+                        "he_uniform (bound sqrt(6/fan_in); VeRA) | normal (std 0.02) | a number")
+    share: str = _f("kind", "for tied/random: 'kind' = one tensor per module kind (all q_proj share one), "
+                    "'model' = one tensor for every targeted layer, sized to the largest and sliced")
+
+
+@dataclass
+class LowRankConfig:
+    """The low-rank family h = W0 x + s * diag(b) B diag(d) A x (LoRA, VeRA, Tied-LoRA)."""
+
+    method: Literal["lowrank"] = _f("lowrank", "adapter family")
+    preset: str = _f("custom", "the preset this config came from (informational)")
+    r: int = _f(8, "rank r of A (r x in) and B (out x r)")
+    alpha: float | None = _f(16.0, "scale s = alpha / r; null gives s = 1")
+    A: Part = _f(Part("trained", "kaiming_uniform"), "the down-projection A (r x in)")
+    B: Part = _f(Part("trained", "zeros"), "the up-projection B (out x r)")
+    d: Part = _f(Part("absent", "ones"), "the r-vector scaling A x (VeRA's d, Tied-LoRA's u)")
+    b: Part = _f(Part("absent", "ones"), "the out-vector scaling B (.) (VeRA's b, Tied-LoRA's v)")
+    targets: list[str] = _f(["all-linear"], "module-name patterns; 'all-linear' = every linear layer but the LM head")
+    dropout: float = _f(0.0, "dropout on the adapter's input x")
+    seed: int = _f(0, "seed of the random and frozen tensors (regenerated from it on load)")
+    save_frozen: bool = _f(False, "also save frozen tensors instead of regenerating them from the seed")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.r
+
+
+@dataclass
+class IA3Config:
+    """(IA)^3: learned vectors scale the keys, the values and the FFN intermediate."""
+
+    method: Literal["ia3"] = _f("ia3", "adapter family")
+    preset: str = _f("ia3", "the preset this config came from (informational)")
+    scale_outputs: list[str] | None = _f(None, "patterns whose outputs are scaled; null = the architecture's k and v")
+    scale_inputs: list[str] | None = _f(None, "patterns whose inputs are scaled; null = the FFN down projection")
+    init: float = _f(1.0, "initial value of every vector (1 = the base model)")
+
+
+AdapterConfig = Union[LowRankConfig, IA3Config]
+CONFIG_CLASSES: dict[str, type] = {"lowrank": LowRankConfig, "ia3": IA3Config}
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_type(value: Any, tp: Any) -> bool:
+    """A small runtime check of JSON/YAML values against a field annotation."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_check_type(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_check_type(v, inner) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def from_dict(cls: type, data: dict, problems: Problems | None = None, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data; unknown keys and wrong types are errors."""
+    own = problems is None
+    problems = problems or Problems(f"invalid {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    if not isinstance(data, dict):
+        problems.add(f"{where or cls.__name__}={data!r}", "expected a mapping of fields", f"use keys from {names}")
+        data = {}
+    for key, value in data.items():
+        path = f"{where}{key}"
+        if key not in names:
+            problems.add(f"key {path!r}", f"{cls.__name__} has no such field{did_you_mean(key, names)}",
+                         f"remove it or use one of {names}")
+            continue
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = from_dict(tp, value, problems, f"{path}.")
+        elif _check_type(value, tp):
+            kwargs[key] = value
+        else:
+            problems.add(f"{path}={value!r}", f"expected {tp}", "give a value of that type")
+    if own:
+        problems.raise_if_any()
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """Dispatch on `method`; see `from_dict`."""
+    method = data.get("method", "lowrank") if isinstance(data, dict) else None
+    if method not in CONFIG_CLASSES:
+        p = Problems("invalid adapter config")
+        p.add(f"method={method!r}", "unknown adapter family" + did_you_mean(str(method), CONFIG_CLASSES),
+              f"use one of {list(CONFIG_CLASSES)}, or a preset name via slimtune.preset()")
+        p.raise_if_any()
+    return from_dict(CONFIG_CLASSES[method], data)
