@@ -52,6 +52,14 @@ class AdapterLayer(nn.Module):
         self.enabled = True
         self.merged = False
 
+    @property
+    def weight(self) -> torch.Tensor:  # code in transformers reads `layer.weight` (T5's FFN): the base's
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The tensors this layer owns and trains (shared ones are declared by SharedTensors)."""
         raise NotImplementedError

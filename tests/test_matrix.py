@@ -1,0 +1,149 @@
+"""The property matrix: every method x every tiny architecture.
+
+Identity init is switched off (`perturb`) wherever a check could otherwise pass because the
+adapter does nothing at init.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch, clone, logits, perturb, tiny, tiny_preset
+
+import slimtune
+from slimtune.adapters.lowrank import LowRankLinear
+from slimtune.ops import adapter_layers
+
+
+def adapted(arch, method, identity: bool = False):
+    base = tiny(arch).requires_grad_(False)  # frozen like the adapted model: same kernels
+    model = slimtune.add_adapter(clone(base), tiny_preset(method))
+    if not identity:
+        perturb(model)
+    return base, model
+
+
+def test_init_equals_base(arch, method):
+    base, model = adapted(arch, method, identity=True)
+    x = batch(base)
+    torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-6, rtol=0)
+
+
+def test_adapter_changes_output_once_perturbed(arch, method):
+    # guards every other check against an adapter that silently does nothing
+    base, model = adapted(arch, method)
+    x = batch(base)
+    assert (logits(model, x) - logits(base, x)).abs().max() > 1e-3
+
+
+def test_disabled_equals_base(arch, method):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    with slimtune.disable_adapters(model):
+        torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-6, rtol=0)
+    assert (logits(model, x) - logits(base, x)).abs().max() > 1e-3  # re-enabled on exit
+
+
+@torch.no_grad()
+def test_merged_equals_unmerged(arch, method):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    before = logits(model, x)
+    slimtune.merge_adapters(model)
+    slimtune.merge_adapters(model)  # merging twice is harmless
+    torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)
+    with slimtune.disable_adapters(model):  # disabling a merged model gives the base back
+        torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-5, rtol=0)
+    slimtune.unmerge_adapters(model)
+    torch.testing.assert_close(logits(model, x), before, atol=1e-5, rtol=0)
+    with slimtune.disable_adapters(model):
+        torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_merged_state_dict_is_pure_and_loads_into_base(arch, method):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    expected = logits(model, x)
+    sd = slimtune.merged_state_dict(model)
+    assert set(sd) == set(base.state_dict())
+    torch.testing.assert_close(logits(model, x), expected, atol=0, rtol=0)  # model untouched
+    plain = clone(base)
+    plain.load_state_dict(sd)
+    torch.testing.assert_close(logits(plain, x), expected, atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_bit_exact(arch, method, tmp_path):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    slimtune.save_adapter(model, tmp_path)
+    loaded = slimtune.load_adapter(clone(base), tmp_path)
+    for (k, a), (k2, b) in zip(slimtune.trainable_parameters(model).items(),
+                               slimtune.trainable_parameters(loaded).items()):
+        assert k == k2 and torch.equal(a, b)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+def test_only_declared_tensors_require_grad(arch, method):
+    _, model = adapted(arch, method)
+    declared = {id(p) for p in slimtune.trainable_parameters(model).values()}
+    assert declared
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (id(p) in declared), name
+
+
+def test_every_trained_tensor_gets_a_gradient(arch, method):
+    base, model = adapted(arch, method)
+    logits(model, batch(base)).square().mean().backward()
+    for name, p in slimtune.trainable_parameters(model).items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_real_init_trains_every_part(arch, method):
+    # From the paper's init (delta W = 0), two SGD steps move every trained tensor:
+    # no pair of zero factors blocks each other's gradient.
+    base, model = adapted(arch, method, identity=True)
+    params = slimtune.trainable_parameters(model)
+    opt = torch.optim.SGD(params.values(), lr=1.0)
+    x = batch(base)
+    targets = torch.randint(0, 64, x["input_ids"].shape, generator=torch.Generator().manual_seed(3))
+    if "decoder_input_ids" in x:
+        targets = targets[:, : x["decoder_input_ids"].shape[1]]
+    for step in range(2):
+        opt.zero_grad()
+        out = logits(model, x)
+        torch.nn.functional.cross_entropy(out.flatten(0, 1), targets.flatten()).backward()
+        if step == 0:  # at init only the zero factor's partner moves; the other grads are exactly 0
+            assert any(p.grad.abs().sum() > 0 for p in params.values())
+        opt.step()
+    for k, p in params.items():
+        assert p.grad.abs().sum() > 0, k
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "tied-lora", "tied-lora-ba"])
+def test_dense_and_per_token_forms_agree(arch, method, monkeypatch):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    params = slimtune.trainable_parameters(model)
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(LowRankLinear, "use_dense", lambda self, x, d=dense: d)
+        for p in params.values():
+            p.grad = None
+        out = logits(model, x)
+        out.square().mean().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in params.items()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for k in params:
+        torch.testing.assert_close(results[0][1][k], results[1][1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_tensors_created_once(arch):
+    base = tiny(arch)
+    model = slimtune.add_adapter(clone(base), tiny_preset("vera"))
+    shared = model.slimtune_shared
+    assert sorted(shared.frozen_names) == ["A__model", "B__model"]
+    largest_in = max(layer.in_features for _, layer in adapter_layers(model))
+    assert shared.A__model.shape[1] == largest_in
+    for _, layer in adapter_layers(model):
+        assert layer.part("A").data_ptr() == shared.A__model.data_ptr()  # a view, not a copy
