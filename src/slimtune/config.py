@@ -124,7 +124,8 @@ def from_dict(cls: type, data: dict, problems: Problems | None = None, where: st
         elif _check_type(value, tp):
             kwargs[key] = value
         else:
-            problems.add(f"{path}={value!r}", f"expected {tp}", "give a value of that type")
+            name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+            problems.add(f"{path}={value!r}", f"expected a value of type {name}", "give a value of that type")
     if own:
         problems.raise_if_any()
     return cls(**kwargs)
@@ -142,4 +143,14 @@ def config_from_dict(data: dict) -> AdapterConfig:
         p.add(f"method={method!r}", "unknown adapter family" + did_you_mean(str(method), CONFIG_CLASSES),
               f"use one of {list(CONFIG_CLASSES)}, or a preset name via slimtune.preset()")
         p.raise_if_any()
-    return from_dict(CONFIG_CLASSES[method], data)
+    from .errors import SlimtuneError
+    from .presets import validate
+
+    problems = Problems("invalid adapter config")
+    cfg = from_dict(CONFIG_CLASSES[method], data, problems)  # fields with bad values keep their defaults
+    try:
+        validate(cfg)
+    except SlimtuneError as e:  # report value problems together with the key and type problems
+        problems.items.extend(e.problems)
+    problems.raise_if_any()
+    return cfg
