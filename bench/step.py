@@ -1,0 +1,231 @@
+"""One training step (forward + backward + AdamW) on SmolLM2-135M, every preset in one run.
+
+    python bench/step.py                       # CPU, fp32, batch 4 x 256
+    python bench/step.py --device cuda         # bf16 autocast on CUDA
+
+Variants run in alternation (round-robin, `--reps` rounds) so machine noise hits all alike;
+the median step of each is compared with:
+- the floor: the frozen base model, forward and backward with nothing trained (the gradient
+  still flows back to the embeddings, as it must under any adapter);
+- the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
+  low-rank or dense ΔW), turned into time at the floor's measured FLOP rate;
+- PEFT's implementation of the same method, where PEFT has it.
+
+Memory: on CUDA the peak allocated; on CPU the peak resident set (VmHWM, reset before each
+step through /proc/self/clear_refs; glibc is told to mmap every large block so that freed
+tensors leave the RSS). Both are compared with what the adapter must keep for its gradients,
+computed from the shapes: per layer, x if A trains, A x if d trains, d ⊙ A x if B trains, the
+B-output if b trains (VeRA keeps no x: its A is frozen), x and W0 + ΔW on the dense form,
+plus AdamW's state (grad, exp_avg, exp_avg_sq) for every trained tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform == "linux":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # must be set before the process starts: re-exec
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import slimtune  # noqa: E402
+from slimtune.adapters.ia3 import IA3Linear  # noqa: E402
+from slimtune.adapters.lowrank import LowRankLinear  # noqa: E402
+from slimtune.ops import adapter_layers  # noqa: E402
+
+
+def peft_model(base: nn.Module, method: str, r: int | None):
+    import peft
+
+    cfg = {"lora": lambda: peft.LoraConfig(r=r or 8, lora_alpha=16, target_modules="all-linear"),
+           "vera": lambda: peft.VeraConfig(r=r or 256, target_modules="all-linear", save_projection=False),
+           "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"])}[method]()
+    return peft.get_peft_model(base, cfg)
+
+
+def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, int]:
+    """(activation bytes the adapter must keep, multiply-adds of its arithmetic) for one step."""
+    seen, act, flops = set(), 0, 0
+    hooks = []
+
+    def hook(layer, inputs, _out):
+        nonlocal act, flops
+        x = inputs[0]
+        n = x.numel() // x.shape[-1]
+        i, o = layer.in_features, layer.out_features
+        keep_x = False
+        if isinstance(layer, LowRankLinear):
+            per_token, dense = layer.flops(n, training=True)
+            flops += min(per_token, dense)
+            trains = {p: layer.part(p) is not None and layer.part(p).requires_grad for p in "ABdb"}
+            if dense < per_token:
+                keep_x, act = True, act + o * i * elt  # x for ∂W, and W0 + ΔW for ∂x
+            else:
+                keep_x = trains["A"]
+                act += n * layer.r * elt * (trains["d"] + (trains["B"] and layer.part("d") is not None))
+                act += n * layer.r * elt * (trains["B"] and layer.part("d") is None)
+                act += n * o * elt * trains["b"]
+        elif isinstance(layer, IA3Linear):
+            flops += 3 * n * (i if layer.where == "input" else o)
+            keep_x = layer.where == "input"
+            act += 0 if keep_x else n * o * elt
+        if keep_x and x.untyped_storage().data_ptr() not in seen:  # q, k, v read the same x
+            seen.add(x.untyped_storage().data_ptr())
+            act += x.numel() * elt
+
+    for _, layer in adapter_layers(model):
+        hooks.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    state = sum(p.numel() for p in slimtune.trainable_parameters(model).values()) * 4 * 3  # grad + 2 moments, fp32
+    return act + state, flops
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def reset_peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return peak_rss()
+
+
+def read_peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return peak_rss()
+
+
+def gemm_rate(base: nn.Module, n_tok: int, device: str, dtype: torch.dtype) -> float:
+    """Multiply-adds per second of one of the model's own matmuls (hidden -> intermediate)."""
+    h, f = base.config.hidden_size, base.config.intermediate_size
+    x, w = torch.randn(n_tok, h, device=device, dtype=dtype), torch.randn(f, h, device=device, dtype=dtype)
+    times = []
+    for _ in range(7):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return n_tok * h * f / statistics.median(times[2:])
+
+
+class Variant:
+    def __init__(self, name: str, model: nn.Module, device: str, lr: float = 1e-4):
+        self.name, self.model = name, model.to(device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr) if self.params else None
+        emb = model.get_input_embeddings()
+        # Under the floor nothing trains: make the embeddings' output require grad so the
+        # backward runs through the whole network, as every adapter's backward does.
+        self.hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if not self.params else None
+        self.times: list[float] = []
+        self.mems: list[int] = []
+
+    def step(self, ids: torch.Tensor, device: str, dtype: torch.dtype) -> None:
+        start_mem = reset_peak(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = self.model(ids, labels=ids).loss
+        loss.backward()
+        if self.opt:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - t0)
+        self.mems.append(read_peak(device) - start_mem)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=slimtune.DEFAULT_MODEL)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3, help="rounds over all variants (after one warm-up round)")
+    ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
+    ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
+    ap.add_argument("--no-peft", action="store_true")
+    args = ap.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    torch.manual_seed(0)
+    base = slimtune.load_model(args.model).requires_grad_(False)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
+
+    variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
+    specs = [(m, {}) for m in args.methods]
+    if args.high_rank:
+        specs.append(("vera", {"r": args.high_rank}))
+    for method, kw in specs:
+        label = method + (f" r={kw['r']}" if kw else "")
+        model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw)).to(args.device)
+        info[label] = required_bytes(model, ids, elt)
+        variants.append(Variant(label, model, args.device))
+        if kw:  # the same high rank forced to the per-token form, to show what the choice buys
+            forced = copy.deepcopy(model)
+            for _, layer in adapter_layers(forced):
+                layer.use_dense = lambda x: False
+            variants.append(Variant(label + " per-token", forced, args.device))
+        if not args.no_peft and method in ("lora", "vera", "ia3"):
+            variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),
+                                    args.device))
+    for rnd in range(args.reps + 1):
+        for v in variants:
+            v.step(ids, args.device, dtype)
+            if rnd == 0:  # warm-up round: discard
+                v.times.clear()
+                v.mems.clear()
+        print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+
+    med = {v.name: statistics.median(v.times) for v in variants}
+    mem = {v.name: statistics.median(v.mems) for v in variants}
+    floor_t, floor_m = med["floor"], mem["floor"]
+    rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
+    print(f"\n# bench/step.py  {args.model}  {args.device} {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
+          f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
+          f"  {time.strftime('%Y-%m-%d')}")
+    print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
+          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s\n")
+    print(f"| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | "
+          f"peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v in variants[1:]:
+        label = v.name.removesuffix(" per-token")
+        req, macs = info.get(label, (None, None))
+        arith = macs / rate if macs is not None and not v.name.startswith("peft") else None
+        extra_t, extra_m = med[v.name] - floor_t, mem[v.name] - floor_m
+        peer = f"peft {v.name}"
+        cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{med[v.name] / floor_t:.3f}",
+                 f"{arith / floor_t:.3f}" if arith is not None else "",
+                 f"{(extra_t - arith) / floor_t:+.3f}" if arith is not None else "",
+                 f"{extra_m / 2**20:.1f}", f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
+                 and not v.name.endswith("per-token") else "",
+                 f"{med[v.name] / med[peer]:.3f}" if peer in med else "",
+                 f"{(mem[v.name]) / mem[peer]:.3f}" if peer in mem else ""]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
