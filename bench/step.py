@@ -67,8 +67,9 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             per_token, dense = layer.flops(n, training=True)
             flops += min(per_token, dense)
             trains = {p: layer.part(p) is not None and layer.part(p).requires_grad for p in "ABdb"}
-            if dense < per_token:
-                keep_x, act = True, act + o * i * elt  # x for ∂W, and W0 + ΔW for ∂x
+            if dense < per_token:  # x for ∂W, W0 + ΔW for ∂x, and each factor of ΔW for the other's gradient
+                keep_x, act = True, act + o * i * elt
+                act += layer.r * elt * (i * (trains["B"] or trains["b"]) + o * (trains["A"] or trains["d"]))
             else:
                 keep_x = trains["A"]
                 act += n * layer.r * elt * (trains["d"] + (trains["B"] and layer.part("d") is not None))

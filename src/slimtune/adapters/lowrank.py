@@ -97,10 +97,12 @@ class LowRankLinear(AdapterLayer):
         h = F.linear(self.drop(x).to(A.dtype), A)  # (B, T, r)
         if d is not None:
             h = h * d  # (B, T, r)
+        if b is None:  # y + s·h Bᵀ as one GEMM: no extra pass over (B, T, out) either way
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), B.T.to(y.dtype),
+                              alpha=self.scale)
+            return out.view(y.shape)
         h = F.linear(h, B)  # (B, T, out)
-        if b is not None:
-            h = h * b  # (B, T, out)
-        return torch.add(y, h.to(y.dtype), alpha=self.scale)
+        return torch.addcmul(y, h.to(y.dtype), b.to(y.dtype), value=self.scale)  # y + s·b⊙h in one pass
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias
