@@ -64,16 +64,16 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
         i, o = layer.in_features, layer.out_features
         keep_x = False
         if isinstance(layer, LowRankLinear):
-            per_token, dense = layer.flops(n, training=True)
-            flops += min(per_token, dense)
-            trains = {p: layer.part(p) is not None and layer.part(p).requires_grad for p in "ABdb"}
-            if dense < per_token:  # x for ∂W, W0 + ΔW for ∂x, and each factor of ΔW for the other's gradient
+            per_token, dense_flops = layer.flops(n, training=True)
+            dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
+            flops += dense_flops if dense else per_token
+            trains = {p: t is not None and t.requires_grad for p, t in ((p, layer.part(p)) for p in "ABdb")}
+            if dense:  # x for ∂W, W0 + ΔW for ∂x, and each factor of ΔW for the other's gradient
                 keep_x, act = True, act + o * i * elt
                 act += layer.r * elt * (i * (trains["B"] or trains["b"]) + o * (trains["A"] or trains["d"]))
             else:
                 keep_x = trains["A"]
-                act += n * layer.r * elt * (trains["d"] + (trains["B"] and layer.part("d") is not None))
-                act += n * layer.r * elt * (trains["B"] and layer.part("d") is None)
+                act += n * layer.r * elt * (trains["d"] + trains["B"])  # A x for ∂d, d ⊙ A x (or A x) for ∂B
                 act += n * o * elt * trains["b"]
         elif isinstance(layer, IA3Linear):
             flops += 3 * n * (i if layer.where == "input" else o)
@@ -85,8 +85,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
 
     for _, layer in adapter_layers(model):
         hooks.append(layer.register_forward_hook(hook))
-    with torch.no_grad():
-        model(ids)
+    model(ids)  # with grad enabled, so that each layer chooses its form as it does when training
     for h in hooks:
         h.remove()
     state = sum(p.numel() for p in slimtune.trainable_parameters(model).values()) * 4 * 3  # grad + 2 moments, fp32

@@ -80,10 +80,7 @@ def adapter_config(args: argparse.Namespace) -> C.AdapterConfig:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    cfg = C.config_from_dict(base)
-    from .presets import validate
-    validate(cfg)
-    return cfg
+    return C.config_from_dict(base)  # validates too
 
 
 def cmd_params(args) -> int:

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
-from .errors import Problems, did_you_mean
+from .errors import Problems, SlimtuneError, did_you_mean
 
 MODES = ("absent", "trained", "tied", "random", "frozen")
 INITS = ("zeros", "ones", "kaiming_uniform", "he_uniform", "normal")
@@ -143,8 +143,7 @@ def config_from_dict(data: dict) -> AdapterConfig:
         p.add(f"method={method!r}", "unknown adapter family" + did_you_mean(str(method), CONFIG_CLASSES),
               f"use one of {list(CONFIG_CLASSES)}, or a preset name via slimtune.preset()")
         p.raise_if_any()
-    from .errors import SlimtuneError
-    from .presets import validate
+    from .presets import validate  # presets imports this module
 
     problems = Problems("invalid adapter config")
     cfg = from_dict(CONFIG_CLASSES[method], data, problems)  # fields with bad values keep their defaults
