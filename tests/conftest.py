@@ -80,3 +80,39 @@ def method(request):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def make_tokenizer(directory) -> "object":
+    """A small byte-level BPE tokenizer with a ChatML chat template, trained on the demo data (offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimtune.demo import demo_rows
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    texts = [" ".join(r.values()) for r in demo_rows(500)] + ["Instruction: Input: Output: ### Response:"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+                          "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_model_dir(directory, arch: str = "llama", seed: int = 0):
+    """A tiny random model with the tiny tokenizer, saved as a model directory."""
+    tok = make_tokenizer(directory)
+    torch.manual_seed(seed)
+    cfg = dict(LLAMA_LIKE, vocab_size=len(tok), max_position_embeddings=256)
+    model = (LlamaForCausalLM(LlamaConfig(**cfg)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**cfg)))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return str(make_model_dir(tmp_path_factory.mktemp("tiny-llama")))

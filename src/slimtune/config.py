@@ -153,3 +153,74 @@ def config_from_dict(data: dict) -> AdapterConfig:
         problems.items.extend(e.problems)
     problems.raise_if_any()
     return cfg
+
+
+@dataclass
+class TrainConfig:
+    """Everything `slimtune train` does; a YAML file and the command-line flags fill the same object."""
+
+    model: str = _f("smollm2-135m", "base model: 'smollm2-135m', a local directory, or a hub name")
+    method: str = _f("lora", "adapter preset (lora, vera, tied-lora, tied-lora-ba, ia3, or a paper alias)")
+    adapter: dict = _f({}, "overrides of the preset's adapter config, e.g. {r: 16, targets: [q_proj, v_proj]}")
+    init_adapter: str | None = _f(None, "start from this saved adapter directory instead of a fresh one")
+    data: list[str] = _f(["demo"], "training data: .json/.jsonl files, 'demo' (built in), or a hub dataset name")
+    val_data: list[str] = _f([], "held-out files; empty = hold out val_fraction of the training rows")
+    val_fraction: float = _f(0.05, "share of the training rows held out when val_data is empty")
+    demo_rows: int = _f(2000, "rows of built-in demo data to generate for training")
+    template: str = _f("chat", "chat (the tokenizer's template) | alpaca | gist")
+    max_len: int = _f(256, "longest example in tokens (prompt cut from the left first)")
+    truncation: str = _f("prompt", "prompt (cut the prompt, then the response, counting cuts) | error")
+    packing: bool = _f(False, "concatenate examples into rows of max_len tokens")
+    on_bad_rows: str = _f("error", "error (stop, listing every bad row) | skip (train on the valid rows)")
+    batch_size: int = _f(8, "examples per micro-batch and process")
+    grad_accum: int = _f(1, "micro-batches per optimiser step")
+    steps: int = _f(0, "optimiser steps; 0 = run `epochs` epochs")
+    epochs: float = _f(1.0, "passes over the data when steps = 0")
+    lr: float | None = _f(None, "learning rate of adapter matrices; null = the method's default")
+    lr_vectors: float | None = _f(None, "learning rate of adapter vectors (VeRA d/b, Tied-LoRA u/v, (IA)3); "
+                                  "null = the method's default")
+    weight_decay: float = _f(0.0, "AdamW weight decay on matrices (never on vectors)")
+    schedule: str = _f("cosine", "constant | cosine (both after a linear warm-up)")
+    warmup_steps: int = _f(10, "linear warm-up steps")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this; 0 = no clipping")
+    precision: str = _f("auto", "fp32 | bf16 (autocast) | auto (bf16 on a GPU that has it, else fp32)")
+    grad_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
+    quantize: str = _f("none", "none | nf4 | int8: freeze a bitsandbytes-quantised base")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = _f(0, "seed of the adapter init, the shuffling and dropout")
+    out: str = _f("runs/slimtune", "output directory: adapter, checkpoints, metrics.jsonl, loss.png")
+    save_every: int = _f(100, "write a checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_checkpoints: int = _f(2, "how many checkpoints to keep")
+    eval_every: int = _f(0, "validation loss every N steps; 0 = only at the end")
+    log_every: int = _f(10, "write a metrics line every N steps")
+    resume: bool = _f(False, "continue from the newest checkpoint in `out`")
+    eval_generate: int = _f(100, "held-out examples generated and scored before and after training; 0 = none")
+    max_new_tokens: int = _f(48, "generation length for the before/after evaluation")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    """What `slimtune eval` measures and where it writes."""
+
+    model: str = _f("smollm2-135m", "base model: 'smollm2-135m', a local directory, or a hub name")
+    adapter: str | None = _f(None, "adapter directory to evaluate; null = the base model")
+    data: list[str] = _f(["demo"], "rows with responses (.json/.jsonl, any training shape), question files "
+                         "with 'turns' (vicuna_bench, mt_bench), or 'demo'")
+    references: str | None = _f(None, "FastChat reference answers (.jsonl) for question files")
+    template: str = _f("chat", "chat | alpaca | gist")
+    limit: int = _f(0, "evaluate only the first N rows; 0 = all")
+    batch_size: int = _f(16, "generation batch size")
+    max_len: int = _f(512, "longest example for the loss, in tokens")
+    max_new_tokens: int = _f(128, "longest generated response")
+    do_sample: bool = _f(False, "sample instead of greedy decoding")
+    temperature: float = _f(0.7, "sampling temperature")
+    top_p: float = _f(0.9, "nucleus sampling threshold")
+    seed: int = _f(0, "seed of sampling and of the pairwise order")
+    quantize: str = _f("none", "none | nf4 | int8")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    out: str = _f("eval.jsonl", "per-example results; the summary goes to OUT with .summary.json")
+    judge_url: str | None = _f(None, "OpenAI-compatible base URL of a judge, e.g. http://127.0.0.1:8080/v1")
+    judge_model: str = _f("judge", "model name sent to the judge")
+    judge_key_env: str = _f("SLIMTUNE_JUDGE_KEY", "environment variable holding the judge's API key")
+    pairwise_against: str | None = _f(None, "another eval's JSONL: judge pairwise win rate against its answers")

@@ -75,9 +75,10 @@ def _add_lowrank(model: nn.Module, cfg: LowRankConfig, shared: SharedTensors, ge
                 _, i0, o0 = sizes.get(key, (part, 0, 0))
                 sizes[key] = (part, max(i, i0), max(o, o0))
     ref = next(iter(layers.values())).weight
+    ref_dtype = adapter_dtype(ref)
     for key, (part, i, o) in sizes.items():
         spec = getattr(cfg, part)
-        shared.add(key, init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, ref.device, ref.dtype),
+        shared.add(key, init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, ref.device, ref_dtype),
                    trained=spec.mode == "tied")
     # Pass 2: wrap each layer with its own parts and references to the shared ones.
     for name, layer in layers.items():
@@ -89,9 +90,14 @@ def _add_lowrank(model: nn.Module, cfg: LowRankConfig, shared: SharedTensors, ge
             if spec.mode in ("tied", "random"):
                 keys[part] = _shared_key(part, spec.share, name)
             elif spec.mode in ("trained", "frozen"):
-                t = init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, w.device, w.dtype)
+                t = init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, w.device, adapter_dtype(w))
                 local[part] = (t, spec.mode == "trained")
         _replace(model, name, LowRankLinear(layer, cfg, shared, keys, local))
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters take the base's float dtype; over a quantised (integer) base they are float32."""
+    return weight.dtype if torch.is_floating_point(weight) else torch.float32
 
 
 def _add_ia3(model: nn.Module, cfg: IA3Config) -> None:
@@ -99,5 +105,5 @@ def _add_ia3(model: nn.Module, cfg: IA3Config) -> None:
         layer = model.get_submodule(name)
         i, o = T.dims(layer)
         n = i if where == "input" else round(span[1] * o) - round(span[0] * o)
-        init = torch.full((n,), cfg.init, device=layer.weight.device, dtype=layer.weight.dtype)
+        init = torch.full((n,), cfg.init, device=layer.weight.device, dtype=adapter_dtype(layer.weight))
         _replace(model, name, IA3Linear(layer, where, span, init))

@@ -111,6 +111,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             break
     p.raise_if_any()
     add_adapter(model, cfg)
+    return load_adapter_weights(model, directory)
+
+
+def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy the saved tensors into the adapter `model` already carries (resume, reload)."""
+    p = Problems(f"adapter {str(directory)!r} does not fit this model's adapter")
     expected = adapter_state_dict(model)
     tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
     for k in sorted(set(expected) - set(tensors)):

@@ -105,6 +105,12 @@ def _fold(model: nn.Module, merge: bool) -> None:
     problems = Problems("merge refused" if merge else "unmerge refused")
     for name, layer in todo:
         base = layer.base
+        if not torch.is_floating_point(base.weight):
+            problems.add(f"layer {name} ({type(base).__name__}, {base.weight.dtype})",
+                         "its base weight is quantised; folding would need a lossy requantisation",
+                         "merge into the full-precision base: `slimtune merge --model BASE --adapter DIR` "
+                         "loads the base unquantised")
+            continue
         bias = None if base.bias is None else base.bias.float()
         fold = layer.merge_into if merge else layer.unmerge_from
         w, b = fold(weight_oi(base).float(), bias)
@@ -149,6 +155,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         owner, _, leaf = key.rpartition(".base.")
         if owner in layers and "." not in leaf:
             layer = layers[owner]
+            if not torch.is_floating_point(layer.base.weight):
+                _fold(model, merge=True)  # raises the quantised-base error
             if not layer.merged:
                 bias = None if layer.base.bias is None else layer.base.bias.float()
                 w, b = layer.merge_into(weight_oi(layer.base).float(), bias)

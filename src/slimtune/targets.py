@@ -30,7 +30,8 @@ IA3_SITES: dict[str, list[tuple[str, str, tuple[float, float]]]] = {
 
 
 def is_adaptable(module: nn.Module) -> bool:
-    return type(module) in (nn.Linear, Conv1D)
+    """nn.Linear (quantised subclasses such as bitsandbytes' Linear4bit included) or Conv1D."""
+    return isinstance(module, (nn.Linear, Conv1D)) and not hasattr(module, "adapter_params")
 
 
 def dims(module: nn.Module) -> tuple[int, int]:

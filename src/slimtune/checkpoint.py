@@ -1,0 +1,122 @@
+"""Training checkpoints: adapter, optimiser, schedule, RNG and data position, atomically.
+
+    OUT/checkpoints/step-000100/
+        adapter_config.json, adapter_model.safetensors   the adapter (slimtune.load_adapter reads it)
+        optimizer.safetensors                             AdamW moments, flattened
+        rng.safetensors                                   torch CPU (and CUDA) generator states
+        trainer_state.json                                step, data position, schedule, param groups, config
+    OUT/checkpoints/latest                                name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, flushed, then renamed into place: a
+kill at any moment leaves the previous checkpoint intact, and a half-written directory is
+never taken for a checkpoint. Only JSON and safetensors are read back; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import Problems
+from .io import load_adapter_weights, save_adapter
+
+STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
+               if torch.is_tensor(v)}
+    return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
+
+
+def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` under root/checkpoints atomically; keep the newest `keep`."""
+    ckpts = Path(root) / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"step-{step:06d}"
+    if (final / STATE).is_file():
+        return final
+    tmp = ckpts / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp)
+    tensors, opt_meta = _optimizer_tensors(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    py = random.getstate()
+    full = {**state, "step": step, "optimizer": opt_meta, "python_random": [py[0], list(py[1]), py[2]]}
+    (tmp / STATE).write_text(json.dumps(full, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # an incomplete leftover of an earlier run
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    latest_tmp = ckpts / f".latest-{os.getpid()}"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckpts / "latest")
+    _fsync_dir(ckpts)
+    for old in sorted(ckpts.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under root/checkpoints, or None."""
+    ckpts = Path(root) / "checkpoints"
+    pointer = ckpts / "latest"
+    if pointer.is_file():
+        named = ckpts / pointer.read_text().strip()
+        if (named / STATE).is_file():
+            return named
+    done = sorted(p for p in ckpts.glob("step-*") if (p / STATE).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path, model, opt) -> dict:
+    """Restore adapter, optimiser and RNG from `path`; return the trainer state."""
+    path = Path(path)
+    if not (path / STATE).is_file():
+        p = Problems("cannot resume")
+        p.add(f"checkpoint {str(path)!r}", f"it has no {STATE} (incomplete or not a checkpoint)",
+              "point at OUT/checkpoints/step-N written by slimtune train, or resume from OUT")
+        p.raise_if_any()
+    state = json.loads((path / STATE).read_text())
+    load_adapter_weights(model, path)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = state["optimizer"]
+    opt_state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    groups = meta["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.state_dict()["param_groups"]]:
+        p = Problems("cannot resume")
+        p.add(f"checkpoint {str(path)!r}", "its optimiser has different parameter groups than this run",
+              "resume with the same method and adapter settings it was written with")
+        p.raise_if_any()
+    opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    v, internal, gauss = state["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+    return state

@@ -1,0 +1,266 @@
+"""The one training loop, shared by `slimtune train`, the tests and bench/train.py.
+
+    run = setup(cfg)                 # model + adapter (+ quantised base), data, optimiser
+    loss, tokens, norm = train_step(run, step)
+    train(cfg)                       # the whole job: resume, log, checkpoint, evaluate
+
+One optimiser step consumes a global window of batch_size x grad_accum x world examples.
+The loss is summed over the window's labelled tokens and divided by their number (across
+micro-batches and ranks), so 1x8, 4x2 and 8x1 give the same gradient. Under torchrun the
+same command runs DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone logs
+and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as D
+from . import prepare as P
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_from_dict, from_dict, to_dict
+from .errors import Problems
+from .evaluate import CausalLMLoss, eval_loss, generate, score
+
+DEFAULT_LR = {"matrix": 1e-3, "vector": 1e-2}  # adapter matrices (A, B); vectors (VeRA d/b, Tied-LoRA u/v, (IA)3 l)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; a checkpoint was written first."""
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    loss_model: nn.Module  # DDP-wrapped under torchrun
+    opt: torch.optim.Optimizer
+    train: P.Prepared
+    val: P.Prepared
+    val_examples: list
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    bf16: bool = False
+    params: list = dataclasses.field(default_factory=list)
+
+    @property
+    def window(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train.input_ids) // self.window
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if world == 1:
+        return 0, 1, torch.device(("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    else:
+        torch.set_num_threads(1)  # two threads per process on two cores is several times slower
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_world_size() != world:
+        raise RuntimeError(f"launched with WORLD_SIZE={world} but the process group has {dist.get_world_size()}")
+    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def load_examples(cfg: TrainConfig) -> tuple[list, list]:
+    """(train, validation) examples from cfg.data / cfg.val_data, or the demo data."""
+    from .demo import demo_split
+
+    if cfg.data == ["demo"]:
+        train_rows, eval_rows = demo_split(cfg.demo_rows, max(cfg.eval_generate, 50))
+        return [D.to_example(r, f"demo[{i}]") for i, r in enumerate(train_rows)], \
+               [D.to_example(r, f"demo-eval[{i}]") for i, r in enumerate(eval_rows)]
+    examples, skipped = D.load_rows(cfg.data, cfg.on_bad_rows)
+    if skipped:
+        print(f"slimtune: skipped {len(skipped)} bad row(s), e.g. {skipped[0]}")
+    if cfg.val_data:
+        return examples, D.load_rows(cfg.val_data, cfg.on_bad_rows)[0]
+    return P.split(examples, cfg.val_fraction, cfg.seed)
+
+
+def _prepare(examples, tokenizer, cfg: TrainConfig) -> P.Prepared:
+    prep = P.tokenize(examples, tokenizer, cfg.template, cfg.max_len, cfg.truncation)
+    return P.pack(prep, cfg.max_len) if cfg.packing else prep
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW with one group for adapter matrices and one for vectors (their own LR, no decay)."""
+    from .ops import set_trainable
+
+    params = set_trainable(model)
+    mats, vecs = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    groups = [g for g in ({"params": mats, "lr": cfg.lr or DEFAULT_LR["matrix"], "weight_decay": cfg.weight_decay},
+                          {"params": vecs, "lr": cfg.lr_vectors or DEFAULT_LR["vector"], "weight_decay": 0.0})
+              if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8), params
+
+
+def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up, then constant or cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
+          examples: tuple[list, list] | None = None) -> Run:
+    """Model with its adapter, tokenized data, optimiser: everything a step needs."""
+    import slimtune
+    from .quantize import quantize_model
+
+    _validate(cfg)
+    rank, world, device = _distributed(cfg)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
+                                        and torch.cuda.is_bf16_supported())
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = slimtune.load_model(cfg.model, dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
+        tokenizer = tokenizer or slimtune.load_tokenizer(cfg.model)
+    model.to(device)
+    quantize_model(model, cfg.quantize)
+    if cfg.init_adapter:
+        slimtune.load_adapter(model, cfg.init_adapter)
+    else:
+        slimtune.add_adapter(model, adapter_config_for(cfg))
+    opt, params = build_optimizer(model, cfg)
+    for p in params:  # adapters train in fp32 whatever the base dtype
+        p.data = p.data.float()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    train_ex, val_ex = examples or load_examples(cfg)
+    loss_model = CausalLMLoss(model)
+    if world > 1:
+        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(cfg, model, tokenizer, loss_model, opt, _prepare(train_ex, tokenizer, cfg), _prepare(val_ex, tokenizer, cfg),
+              val_ex, device, rank, world, bf16, params)
+    if run.steps_per_epoch == 0:
+        p = Problems("not enough data")
+        p.add(f"{len(run.train.input_ids)} training rows", f"fewer than one step's window of {run.window} "
+              f"(batch_size x grad_accum x processes)", "add rows or lower --batch_size / --grad_accum")
+        p.raise_if_any()
+    return run
+
+
+def micro_batches(run: Run, step: int) -> list[dict]:
+    """This rank's micro-batches of optimiser step `step` (deterministic in seed and step)."""
+    cfg, B = run.cfg, run.cfg.batch_size
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    order = P.epoch_order(len(run.train.input_ids), cfg.seed, epoch)
+    window = order[pos * run.window:(pos + 1) * run.window]
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    out = []
+    for m in range(cfg.grad_accum):
+        idx = window[(m * run.world + run.rank) * B:(m * run.world + run.rank + 1) * B]
+        b = P.collate([run.train.input_ids[i] for i in idx], [run.train.labels[i] for i in idx], pad)
+        out.append({k: v.to(run.device) for k, v in b.items()})
+    return out
+
+
+def _all_sum(x: torch.Tensor, run: Run) -> torch.Tensor:
+    if run.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def train_step(run: Run, step: int, batches: list[dict] | None = None) -> tuple[float, int, float]:
+    """One optimiser step: (mean loss over the window's tokens, tokens, gradient norm)."""
+    batches = batches or micro_batches(run, step)
+    n_tok = _all_sum(sum((b["labels"][:, 1:] != D.IGNORE).sum() for b in batches).float(), run)
+    loss_sum = torch.zeros((), device=run.device)
+    for g in run.opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor(step, run.cfg, run.total_steps)
+    for k, b in enumerate(batches):
+        sync = run.world == 1 or k == len(batches) - 1
+        with (contextlib.nullcontext() if sync else run.loss_model.no_sync()), run.autocast():
+            s, _ = run.loss_model(**b)
+            (s * run.world / n_tok).backward()  # DDP averages over ranks; the window's token mean results
+        loss_sum += s.detach().float()
+    norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm) if run.cfg.max_grad_norm else \
+        torch.zeros(())
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return (_all_sum(loss_sum, run) / n_tok).item(), int(n_tok), float(norm)
+
+
+def _validate(cfg: TrainConfig, p: Problems | None = None) -> None:
+    own = p is None
+    p = p or Problems("invalid training config")
+    for name, allowed in (("schedule", ("constant", "cosine")), ("precision", ("fp32", "bf16", "auto")),
+                          ("template", D.TEMPLATES), ("truncation", ("prompt", "error")),
+                          ("on_bad_rows", ("error", "skip")), ("quantize", ("none", "nf4", "int8"))):
+        if getattr(cfg, name) not in allowed:
+            p.add(f"{name}={getattr(cfg, name)!r}", "not an allowed value", f"use one of {list(allowed)}")
+    for name in ("batch_size", "grad_accum", "max_len"):
+        if getattr(cfg, name) < 1:
+            p.add(f"{name}={getattr(cfg, name)!r}", "must be at least 1", f"set {name} >= 1")
+    if cfg.steps < 0 or cfg.epochs <= 0:
+        p.add(f"steps={cfg.steps}, epochs={cfg.epochs}", "nothing to train", "give steps > 0 or epochs > 0")
+    for name in ("lr", "lr_vectors"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            p.add(f"{name}={getattr(cfg, name)!r}", "a learning rate must be positive", "give a value > 0 or null")
+    if own:
+        p.raise_if_any()
+
+
+def adapter_config_for(cfg: TrainConfig):
+    """The preset named by cfg.method with cfg.adapter's overrides (nested keys merge)."""
+    from .presets import preset
+
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    r = cfg.adapter.get("r") if isinstance(cfg.adapter.get("r"), int) else None
+    return config_from_dict(merge(to_dict(preset(cfg.method, **({"r": r} if r else {}))), cfg.adapter))
+
+
+def train_config(data: dict) -> TrainConfig:
+    """A TrainConfig from plain data (a YAML file, flags). Unknown keys, bad values and a bad
+    adapter section are reported together."""
+    from .errors import SlimtuneError
+
+    p = Problems("invalid training config")
+    cfg = from_dict(TrainConfig, data, p)
+    _validate(cfg, p)
+    try:
+        adapter_config_for(cfg)
+    except SlimtuneError as e:
+        p.items += [dataclasses.replace(x, what=f"adapter: {x.what}") for x in e.problems]
+    p.raise_if_any()
+    return cfg

@@ -1,0 +1,206 @@
+"""The training loop: accumulation and resume equivalence, checkpoints under a kill, NF4, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slimtune
+from slimtune import TrainConfig, run_training
+from slimtune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.cli import build_parser, main, train_config_from_args
+from slimtune.train import lr_factor, setup, train_step
+
+
+def cfg_for(tiny_dir, out, **kw) -> TrainConfig:
+    base = dict(model=tiny_dir, data=["demo"], demo_rows=48, eval_generate=0, max_len=96, progress=False,
+                save_every=0, out=str(out), batch_size=8, warmup_steps=0, schedule="constant", steps=3,
+                lr=1e-2, lr_vectors=1e-1)
+    return TrainConfig(**{**base, **kw})
+
+
+def adapter_weights(out) -> dict:
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def test_grad_accumulation_equivalence(tiny_dir, tmp_path):
+    """1x8, 4x2 and 8x1 (micro-batch x accumulation) give the same losses and weights."""
+    runs = {}
+    for b, a in ((1, 8), (4, 2), (8, 1)):
+        out = tmp_path / f"{b}x{a}"
+        s = run_training(cfg_for(tiny_dir, out, batch_size=b, grad_accum=a, method="vera",
+                                 adapter={"r": 16}))
+        runs[(b, a)] = (s["losses"], adapter_weights(out))
+    ref_losses, ref_w = runs[(8, 1)]
+    for losses, w in runs.values():
+        assert losses.keys() == ref_losses.keys()
+        for k in losses:
+            assert losses[k] == pytest.approx(ref_losses[k], rel=1e-5, abs=1e-6)
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_equivalence_after_ctrl_c(tiny_dir, tmp_path, monkeypatch):
+    """Stop at step 3 (Ctrl-C writes a checkpoint), resume: every later loss and the final weights match."""
+    kw = dict(steps=7, grad_accum=2, batch_size=4, adapter={"dropout": 0.1}, save_every=2, schedule="cosine", log_every=1,
+              warmup_steps=2)
+    full = run_training(cfg_for(tiny_dir, tmp_path / "full", **kw))
+    import slimtune.job as job
+
+    real = job.train_step
+
+    def interrupt_at_3(run, step, *a):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(run, step, *a)
+
+    monkeypatch.setattr(job, "train_step", interrupt_at_3)
+    with pytest.raises(slimtune.train.Interrupted, match="interrupted at step 3"):
+        run_training(cfg_for(tiny_dir, tmp_path / "cut", **kw))
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
+    monkeypatch.setattr(job, "train_step", real)
+    resumed = run_training(cfg_for(tiny_dir, tmp_path / "cut", resume=True, **kw))
+    assert sorted(resumed["losses"]) == [4, 5, 6, 7]
+    for k, v in resumed["losses"].items():
+        assert v == full["losses"][k]
+    a, b = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 8))  # no duplicated steps after resume
+    assert (tmp_path / "cut" / "loss.png").stat().st_size > 1000
+
+
+def test_resume_refuses_a_different_window(tiny_dir, tmp_path):
+    run_training(cfg_for(tiny_dir, tmp_path, steps=2, save_every=1))
+    with pytest.raises(slimtune.SlimtuneError, match="window of 4 examples"):
+        run_training(cfg_for(tiny_dir, tmp_path, steps=4, batch_size=4, resume=True))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_dir, tmp_path, monkeypatch):
+    run = setup(cfg_for(tiny_dir, tmp_path))
+    train_step(run, 0)
+    save_checkpoint(tmp_path, 1, run.model, run.opt, {"window": 8})
+    import slimtune.checkpoint as ck
+
+    def broken(tensors, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, run.model, run.opt, {"window": 8})
+    assert latest_checkpoint(tmp_path).name == "step-000001"
+    assert load_checkpoint(latest_checkpoint(tmp_path), run.model, run.opt)["step"] == 1
+
+
+KILL_WORKER = r"""
+import sys, torch, slimtune
+from slimtune import TrainConfig
+from slimtune.train import setup, train_step
+from slimtune.checkpoint import save_checkpoint
+cfg = TrainConfig(model=sys.argv[1], data=["demo"], demo_rows=16, eval_generate=0, progress=False, out=sys.argv[2],
+                  adapter={"r": 64}, steps=1)
+run = setup(cfg)
+train_step(run, 0)
+step = int(sys.argv[3])
+print("ready", flush=True)
+while True:
+    step += 1
+    save_checkpoint(sys.argv[2], step, run.model, run.opt, {"window": 8}, keep=2)
+"""
+
+
+def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    run = setup(cfg_for(tiny_dir, tmp_path / "reader", adapter={"r": 64}, batch_size=8))
+    last = 0
+    for delay in (0.05, 0.13, 0.21, 0.34, 0.55):
+        p = subprocess.Popen([sys.executable, "-c", KILL_WORKER, tiny_dir, str(out), str(last * 1000)],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        ckpt = latest_checkpoint(out)
+        assert ckpt is not None
+        state = load_checkpoint(ckpt, run.model, run.opt)  # loads completely: adapter, optimiser, RNG
+        assert state["step"] == int(ckpt.name.split("-")[1])
+        last += 1
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(warmup_steps=4, schedule="cosine")
+    assert [lr_factor(s, cfg, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(9, cfg, 14) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(14, cfg, 14) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(9, dataclasses.replace(cfg, schedule="constant"), 14) == 1.0
+
+
+def test_vectors_get_their_own_learning_rate(tiny_dir, tmp_path):
+    run = setup(cfg_for(tiny_dir, tmp_path, method="vera", adapter={"r": 16}, lr=0.5, lr_vectors=0.25))
+    groups = run.opt.param_groups
+    assert len(groups) == 1 and groups[0]["lr"] == 0.25 and all(p.ndim == 1 for p in groups[0]["params"])
+    run = setup(cfg_for(tiny_dir, tmp_path, method="tied-lora", lr=0.5, lr_vectors=0.25))
+    assert sorted(g["lr"] for g in run.opt.param_groups) == [0.25, 0.5]
+
+
+def test_nf4_base_trains_on_cpu(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = setup(cfg_for(tiny_dir, tmp_path, quantize="nf4", steps=4))
+    layer = dict(slimtune.ops.adapter_layers(run.model))["model.layers.0.self_attn.q_proj"]
+    assert type(layer.base).__name__ == "Linear4bit" and layer.base.weight.dtype == torch.uint8
+    packed = layer.base.weight.detach().clone()
+    losses = [train_step(run, s)[0] for s in range(4)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert torch.equal(layer.base.weight, packed)  # the base stays frozen
+    assert layer.B.abs().sum() > 0  # the adapter (full precision) trained
+    with pytest.raises(slimtune.SlimtuneError, match="quantised"):
+        slimtune.merge_adapters(run.model)
+
+
+def test_cli_yaml_and_flags_give_the_same_config(tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text("method: vera\nlr_vectors: 0.01\nadapter:\n  r: 64\n  d:\n    init: 0.2\nsteps: 5\n")
+    a = train_config_from_args(build_parser().parse_args(["train", "--config", str(y)]))
+    b = train_config_from_args(build_parser().parse_args(
+        ["train", "--method", "vera", "--lr_vectors", "0.01", "--rank", "64", "--adapter.d.init", "0.2", "--steps", "5"]))
+    assert a == b and a.adapter == {"r": 64, "d": {"init": 0.2}}
+    y.write_text("lrr: 1\nadapter:\n  rr: 3\n")
+    with pytest.raises(slimtune.SlimtuneError) as e:
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(y)]))
+    assert "'lrr'" in str(e.value) and "'rr'" in str(e.value)
+
+
+def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    from slimtune.demo import demo_rows
+
+    rows.write_text("".join(json.dumps(r) + "\n" for r in demo_rows(40)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_dir, "--data", str(rows), "--val_fraction", "0.2", "--steps", "3",
+                 "--batch_size", "4", "--eval_generate", "4", "--max_new_tokens", "4", "--out", str(out),
+                 "--progress", "false"]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "exact_match" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"]["n_generated"] == 4 and summary["steps"] == 3
+    ev = tmp_path / "eval.jsonl"
+    assert main(["eval", "--model", tiny_dir, "--adapter", str(out / "adapter"), "--data", str(rows), "--limit", "5",
+                 "--max_new_tokens", "4", "--out", str(ev)]) == 0
+    lines = [json.loads(x) for x in ev.read_text().splitlines()]
+    assert len(lines) == 5 and {"prediction", "reference", "exact_match", "rouge_l"} <= set(lines[0])
+    assert main(["generate", "--model", tiny_dir, "--adapter", str(out / "adapter"), "--prompt", "Add 1 and 2",
+                 "--max_new_tokens", "3", "--jsonl"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "Add 1 and 2"
+    assert main(["train", "--model", tiny_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
