@@ -117,14 +117,14 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     step = start
     try:
         while step < run.total_steps:
-            loss, n, norm = train_step(run, step)
-            step, tokens = step + 1, tokens + n
+            st = train_step(run, step)
+            step, tokens, loss = step + 1, tokens + st.tokens, st.loss
             losses[step] = loss
             rate = tokens / (time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             if main and (step % cfg.log_every == 0 or step == run.total_steps):
-                _log(metrics, {"step": step, "loss": loss, "grad_norm": norm, "tokens_per_s": rate,
+                _log(metrics, {"step": step, "loss": loss, "grad_norm": st.grad_norm, "tokens_per_s": rate,
                                "lr": [g["lr"] for g in run.opt.param_groups]})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and main:
                 _log(metrics, {"step": step, "val_loss": evaluate_run(run, 0)["loss"]})

@@ -198,10 +198,20 @@ def _all_sum(x: torch.Tensor, run: Run) -> torch.Tensor:
     return x
 
 
-def train_step(run: Run, step: int, batches: list[dict] | None = None) -> tuple[float, int, float]:
-    """One optimiser step: (mean loss over the window's tokens, tokens, gradient norm)."""
+@dataclass
+class StepStats:
+    loss: float  # mean loss per labelled token of the whole window (all ranks)
+    labelled: int  # tokens that carry loss in the window
+    tokens: int  # tokens processed in the window (padding excluded)
+    grad_norm: float
+
+
+def train_step(run: Run, step: int, batches: list[dict] | None = None) -> StepStats:
+    """One optimiser step over the window of step `step`."""
     batches = batches or micro_batches(run, step)
-    n_tok = _all_sum(sum((b["labels"][:, 1:] != D.IGNORE).sum() for b in batches).float(), run)
+    counts = torch.tensor([sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches),
+                           sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float32)
+    n_tok, n_in = _all_sum(counts.to(run.device), run)  # labelled and processed tokens, all ranks
     loss_sum = torch.zeros((), device=run.device)
     for g in run.opt.param_groups:
         g["lr"] = g["base_lr"] * lr_factor(step, run.cfg, run.total_steps)
@@ -215,7 +225,7 @@ def train_step(run: Run, step: int, batches: list[dict] | None = None) -> tuple[
         torch.zeros(())
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    return (_all_sum(loss_sum, run) / n_tok).item(), int(n_tok), float(norm)
+    return StepStats((_all_sum(loss_sum, run) / n_tok).item(), int(n_tok), int(n_in), float(norm))
 
 
 def _validate(cfg: TrainConfig, p: Problems | None = None) -> None:

@@ -1,0 +1,41 @@
+"""Two-process CPU DistributedDataParallel (gloo) through the same entry point as one process."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import slimtune
+from test_train import cfg_for
+
+
+def test_two_process_ddp_matches_one_process(tiny_dir, tmp_path):
+    cfg = cfg_for(tiny_dir, tmp_path / "ddp", steps=4, batch_size=4, method="tied-lora", schedule="cosine",
+                  warmup_steps=1)
+    out = tmp_path / "ranks"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(Path(__file__).parent / "ddp_worker.py"), json.dumps(dataclasses.asdict(cfg)), str(out)],
+                       capture_output=True, text=True, env=env, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2 and r0["threads"] == 1
+    w0, w1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # identical trainable weights on both ranks
+    assert (tmp_path / "ddp" / "adapter").is_dir() and not (tmp_path / "ddp" / "rank1").exists()
+
+    model = slimtune.load_model(tiny_dir)
+    single = slimtune.run_training(dataclasses.replace(cfg, batch_size=8, out=str(tmp_path / "one")), model=model,
+                                   tokenizer=slimtune.load_tokenizer(tiny_dir))
+    for step, loss in single["losses"].items():  # the same global batch of 8 each step
+        assert r0["losses"][str(step)] == pytest.approx(loss, rel=1e-4)
+    one = slimtune.trainable_parameters(model)
+    for k in w0:
+        torch.testing.assert_close(w0[k], one[k].detach(), rtol=1e-3, atol=1e-5)
