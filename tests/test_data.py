@@ -105,3 +105,12 @@ def test_split_and_collate_are_deterministic():
     assert b["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert b["labels"].tolist() == [[IGNORE, 2, 3], [4, IGNORE, IGNORE]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_hub_dataset_name_without_network_is_a_named_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SlimtuneError) as e:
+        load_rows(["no-such-owner/no-such-dataset"])
+    assert "no-such-owner/no-such-dataset" in str(e.value) and ("not installed" in str(e.value)
+                                                                or "could not load it from the hub" in str(e.value))

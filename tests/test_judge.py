@@ -81,3 +81,5 @@ def test_judge_against_a_real_openai_compatible_server(llama_server, tmp_path):
     assert all(r["judge_score"] is None or 1 <= r["judge_score"] <= 10 for r in rows)
     assert all(r["pairwise"] in (None, 0.0, 0.5, 1.0) for r in rows)
     print("\nJUDGE RUN", json.dumps({"greedy": a, "sampled_vs_greedy": b}, indent=1))
+    for r in rows[:3]:
+        print("VERDICTS", json.dumps({k: r[k] for k in ("judge_verdict", "pairwise_verdict")})[:600])

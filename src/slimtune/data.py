@@ -11,13 +11,12 @@ line, then skipped or fatal (`on_bad_rows`). The loss falls on the response toke
 from __future__ import annotations
 
 import json
-import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from .errors import Problems, SlimtuneError
+from .errors import Problems
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 ROLES = ("system", "user", "assistant")
@@ -111,6 +110,27 @@ def _read_rows(path: Path):
         yield f"{path}[{i}]", row, None
 
 
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: a Hugging Face dataset
+
+
+def _hub_rows(name: str):
+    """Rows of a hub dataset's train split (where the network allows), as (where, row, problem)."""
+    try:
+        import datasets
+    except ImportError:
+        yield name, None, ("it looks like a hub dataset name but the `datasets` package is not installed",
+                           "pip install datasets, or give a local .json/.jsonl file")
+        return
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # network, name, or format: say which
+        yield name, None, (f"could not load it from the hub ({type(e).__name__}: {str(e)[:200]})",
+                           "check the name and the network, or save the rows to a .jsonl file")
+        return
+    for i, row in enumerate(ds):
+        yield f"{name}[{i}]", dict(row), None
+
+
 def load_rows(paths: list[str | Path] | str | Path, on_bad_rows: str = "error") -> tuple[list[Example], list]:
     """Validate every row of every file. Returns (examples, skipped problems); with
     on_bad_rows='error' (the default) any bad row raises, all of them listed at once."""
@@ -121,6 +141,11 @@ def load_rows(paths: list[str | Path] | str | Path, on_bad_rows: str = "error") 
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     examples: list[Example] = []
     for p in map(Path, paths):
+        if not p.exists() and HUB_NAME.fullmatch(str(p)):
+            for where, row, bad in _hub_rows(str(p)):
+                bad = bad or _row_problem(row, where)
+                problems.add(where, *bad) if bad else examples.append(to_example(row, where))
+            continue
         if not p.is_file() or p.suffix not in (".json", ".jsonl"):
             problems.add(f"data file {str(p)!r}", "not found" if not p.is_file() else "not .json or .jsonl",
                          "give a .json (list of rows) or .jsonl (one row per line) file, or 'demo'")

@@ -100,6 +100,7 @@ def judge_rows(cfg: EvalConfig, rows: list[dict]) -> dict:
     scores = []
     for r in rows:
         r["judge_score"] = judge.single(r["prompt"], r["prediction"], r["reference"] or None)
+        r["judge_verdict"] = judge.raw[-1]  # the judge's own words, for auditing unparseable ones
         if r["judge_score"] is not None:
             scores.append(r["judge_score"])
     out = {"judge_model": cfg.judge_model, "judge_score": sum(scores) / len(scores) if scores else None,
@@ -119,6 +120,7 @@ def judge_rows(cfg: EvalConfig, rows: list[dict]) -> dict:
         rng, wins = random.Random(cfg.seed), []
         for r in rows:
             r["pairwise"] = judge.pairwise(r["prompt"], r["prediction"], theirs[str(r["id"])], rng)
+            r["pairwise_verdict"] = judge.raw[-1]
             if r["pairwise"] is not None:
                 wins.append(r["pairwise"])
         out.update(win_rate=sum(wins) / len(wins) if wins else None, pairwise_judged=len(wins))
