@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import Problems
-from .io import load_adapter_weights, save_adapter
+from .io import adapter_state_dict, load_adapter_weights, save_adapter
+from .parallel import full_tensors, shard_like
 
 STATE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 
@@ -39,22 +40,24 @@ def _fsync_dir(path: Path) -> None:
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()
-               if torch.is_tensor(v)}
+    tensors = full_tensors({f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)})
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}
     return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
 
 
-def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically; keep the newest `keep`."""
+def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: int = 2, write: bool = True) -> Path:
+    """Write checkpoint `step` under root/checkpoints atomically; keep the newest `keep`.
+    Under FSDP2 every rank calls this (the tensors are gathered) and only `write=True` writes."""
+    adapter = full_tensors(adapter_state_dict(model))
+    tensors, opt_meta = _optimizer_tensors(opt)
     ckpts = Path(root) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"step-{step:06d}"
-    if (final / STATE).is_file():
+    if not write or (final / STATE).is_file():
         return final
+    ckpts.mkdir(parents=True, exist_ok=True)
     tmp = ckpts / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp)
-    tensors, opt_meta = _optimizer_tensors(opt)
+    save_adapter(model, tmp, adapter)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -103,13 +106,16 @@ def load_checkpoint(path: str | Path, model, opt) -> dict:
     load_adapter_weights(model, path)
     tensors = load_file(str(path / "optimizer.safetensors"))
     meta = state["optimizer"]
-    opt_state = {int(i): {k: tensors[f"{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
     groups = meta["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in opt.state_dict()["param_groups"]]:
         p = Problems("cannot resume")
         p.add(f"checkpoint {str(path)!r}", "its optimiser has different parameter groups than this run",
               "resume with the same method and adapter settings it was written with")
         p.raise_if_any()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt_state = {int(i): {k: shard_like(tensors[f"{i}.{k}"], params[int(i)]) if tensors[f"{i}.{k}"].dim() else
+                          tensors[f"{i}.{k}"] for k in keys}
+                 for i, keys in sorted(meta["state_keys"].items(), key=lambda kv: int(kv[0]))}
     opt.load_state_dict({"state": opt_state, "param_groups": groups})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

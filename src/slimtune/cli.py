@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -166,6 +167,7 @@ def train_config_from_args(args) -> C.TrainConfig:
 
 def cmd_train(args) -> int:
     from .job import run_training
+    from .parallel import shutdown
     from .train import Interrupted
 
     cfg = train_config_from_args(args)
@@ -174,6 +176,10 @@ def cmd_train(args) -> int:
     except Interrupted as e:
         print(f"slimtune: {e}", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if "after" in s:
         b, a = s["before"], s["after"]
         print(f"\nmethod {cfg.method}: {s['trainable']:,} trainable parameters "

@@ -185,6 +185,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this; 0 = no clipping")
     precision: str = _f("auto", "fp32 | bf16 (autocast) | auto (bf16 on a GPU that has it, else fp32)")
     grad_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
+    parallel: str = _f("ddp", "under torchrun: ddp (replicate the base) | fsdp (FSDP2 fully_shard: shard it)")
     quantize: str = _f("none", "none | nf4 | int8: freeze a bitsandbytes-quantised base")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     seed: int = _f(0, "seed of the adapter init, the shuffling and dropout")

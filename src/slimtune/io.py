@@ -54,8 +54,9 @@ def _fingerprint(model: nn.Module) -> dict:
             "layers": {n: list(T.dims(layer.base)) for n, layer in adapter_layers(model)}}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapter to `directory` (created if needed)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, tensors: dict | None = None) -> Path:
+    """Write the model's adapter to `directory` (created if needed). `tensors`: the adapter's
+    state dict already gathered (FSDP2: see parallel.full_tensors); default: read from the model."""
     cfg = get_config(model)
     if cfg is None:
         p = Problems("nothing to save")
@@ -63,7 +64,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         p.raise_if_any()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in adapter_state_dict(model).items()}
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
     meta = {"format": FORMAT, "slimtune_version": __version__, "config": to_dict(cfg), "base_model": _fingerprint(model)}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
@@ -128,7 +130,9 @@ def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> nn.M
             p.add(f"tensor {k!r} of shape {tuple(tensors[k].shape)}", f"expected {tuple(expected[k].shape)}",
                   "re-save the adapter")
     p.raise_if_any()
+    from .parallel import shard_like
+
     with torch.no_grad():
-        for k, t in tensors.items():
-            expected[k].copy_(t)
+        for k in sorted(tensors):  # sorted: under FSDP2 every rank scatters in the same order
+            expected[k].copy_(shard_like(tensors[k], expected[k]))
     return model

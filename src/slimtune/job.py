@@ -21,7 +21,9 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, to_dict
 from .errors import Problems
 from .evaluate import eval_loss, generate, score
+from .io import adapter_state_dict
 from .ops import count_parameters
+from .parallel import barrier, full_tensors
 from .train import Interrupted, Run, setup, train_step
 
 
@@ -40,8 +42,10 @@ def _trim_log(path: Path, step: int) -> None:
 def evaluate_run(run: Run, n_generate: int) -> dict:
     """Validation loss and, on n_generate held-out examples, exact match and ROUGE-L."""
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-    out = eval_loss(run.loss_model if run.world == 1 else run.loss_model.module, run.val, run.cfg.batch_size,
-                    pad, run.device, run.autocast)
+    loss_model = run.loss_model.module if run.world > 1 and not run.fsdp else run.loss_model
+    run.model.eval()
+    out = eval_loss(loss_model, run.val, run.cfg.batch_size, pad, run.device, run.autocast)
+    run.model.train()
     if n_generate:
         examples = run.val_examples[:n_generate]
         with run.autocast():
@@ -99,7 +103,8 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         metrics.unlink(missing_ok=True)
     count = count_parameters(run.model)
-    before = state.get("before") or (evaluate_run(run, cfg.eval_generate) if main else {})
+    n_gen = 0 if run.fsdp else cfg.eval_generate  # FSDP2: loss only, computed by every rank together
+    before = state.get("before") or (evaluate_run(run, n_gen) if main or run.fsdp else {})
     if main and not cfg.resume:
         _log(metrics, {"step": 0, "val_loss": before["loss"], **{k: before[k] for k in ("exact_match",) if k in before}})
     t0, tokens, losses = time.perf_counter(), 0, {}
@@ -107,12 +112,12 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
                dynamic_ncols=True)
 
     def checkpoint(step: int) -> None:
-        if main:
+        if main or run.fsdp:  # under FSDP2 every rank takes part in gathering the tensors
             save_checkpoint(out, step, run.model, run.opt,
                             {"window": run.window, "epoch": step // run.steps_per_epoch,
                              "position": step % run.steps_per_epoch, "total_steps": run.total_steps,
                              "schedule": {"kind": cfg.schedule, "warmup": cfg.warmup_steps}, "before": before,
-                             "config": to_dict(cfg)}, cfg.keep_checkpoints)
+                             "config": to_dict(cfg)}, cfg.keep_checkpoints, write=main)
 
     step = start
     try:
@@ -126,8 +131,10 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
             if main and (step % cfg.log_every == 0 or step == run.total_steps):
                 _log(metrics, {"step": step, "loss": loss, "grad_norm": st.grad_norm, "tokens_per_s": rate,
                                "lr": [g["lr"] for g in run.opt.param_groups]})
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and main:
-                _log(metrics, {"step": step, "val_loss": evaluate_run(run, 0)["loss"]})
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and (main or run.fsdp):
+                val = evaluate_run(run, 0)["loss"]
+                if main:
+                    _log(metrics, {"step": step, "val_loss": val})
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint(step)
     except KeyboardInterrupt:
@@ -139,13 +146,15 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     checkpoint(step)
     summary = {"steps": step, "train_seconds": time.perf_counter() - t0, "trainable": count.trainable,
                "base": count.base, "losses": losses}
+    after = evaluate_run(run, n_gen) if main or run.fsdp else {}
+    adapter = full_tensors(adapter_state_dict(run.model)) if run.fsdp else None
     if main:
         import slimtune
 
-        after = evaluate_run(run, cfg.eval_generate)
         _log(metrics, {"step": step, "val_loss": after["loss"], **{k: after[k] for k in ("exact_match",) if k in after}})
-        slimtune.save_adapter(run.model, out / "adapter")
+        slimtune.save_adapter(run.model, out / "adapter", adapter)
         plot_losses(metrics, out / "loss.png")
         summary.update(before=before, after=after)
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+    barrier()  # under torchrun, no rank leaves before rank 0 has written
     return summary

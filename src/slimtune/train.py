@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import data as D
 from . import prepare as P
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, config_from_dict, from_dict, to_dict
 from .errors import Problems
-from .evaluate import CausalLMLoss, eval_loss, generate, score
+from .evaluate import CausalLMLoss
+from .ops import set_trainable
+from .parallel import init_distributed, wrap
 
 DEFAULT_LR = {"matrix": 1e-3, "vector": 1e-2}  # adapter matrices (A, B); vectors (VeRA d/b, Tied-LoRA u/v, (IA)3 l)
 
@@ -54,6 +51,7 @@ class Run:
     world: int = 1
     bf16: bool = False
     params: list = dataclasses.field(default_factory=list)
+    fsdp: bool = False  # FSDP2: every rank takes part in evaluation and checkpoint gathering
 
     @property
     def window(self) -> int:
@@ -69,25 +67,6 @@ class Run:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-
-def _distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
-    if world == 1:
-        return 0, 1, torch.device(("cuda" if cuda else "cpu") if cfg.device == "auto" else cfg.device)
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    else:
-        torch.set_num_threads(1)  # two threads per process on two cores is several times slower
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.get_world_size() != world:
-        raise RuntimeError(f"launched with WORLD_SIZE={world} but the process group has {dist.get_world_size()}")
-    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def load_examples(cfg: TrainConfig) -> tuple[list, list]:
@@ -113,8 +92,6 @@ def _prepare(examples, tokenizer, cfg: TrainConfig) -> P.Prepared:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list]:
     """AdamW with one group for adapter matrices and one for vectors (their own LR, no decay)."""
-    from .ops import set_trainable
-
     params = set_trainable(model)
     mats, vecs = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     groups = [g for g in ({"params": mats, "lr": cfg.lr or DEFAULT_LR["matrix"], "weight_decay": cfg.weight_decay},
@@ -142,7 +119,7 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     from .quantize import quantize_model
 
     _validate(cfg)
-    rank, world, device = _distributed(cfg)
+    rank, world, device = init_distributed(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
     torch.manual_seed(cfg.seed)
@@ -155,8 +132,7 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
         slimtune.load_adapter(model, cfg.init_adapter)
     else:
         slimtune.add_adapter(model, adapter_config_for(cfg))
-    opt, params = build_optimizer(model, cfg)
-    for p in params:  # adapters train in fp32 whatever the base dtype
+    for p in set_trainable(model):  # adapters train in fp32 whatever the base dtype
         p.data = p.data.float()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -164,9 +140,10 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     train_ex, val_ex = examples or load_examples(cfg)
     loss_model = CausalLMLoss(model)
     if world > 1:
-        loss_model = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_model = wrap(loss_model, model, cfg.parallel, device)
+    opt, params = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
     run = Run(cfg, model, tokenizer, loss_model, opt, _prepare(train_ex, tokenizer, cfg), _prepare(val_ex, tokenizer, cfg),
-              val_ex, device, rank, world, bf16, params)
+              val_ex, device, rank, world, bf16, params, fsdp=world > 1 and cfg.parallel == "fsdp")
     if run.steps_per_epoch == 0:
         p = Problems("not enough data")
         p.add(f"{len(run.train.input_ids)} training rows", f"fewer than one step's window of {run.window} "
@@ -217,7 +194,9 @@ def train_step(run: Run, step: int, batches: list[dict] | None = None) -> StepSt
         g["lr"] = g["base_lr"] * lr_factor(step, run.cfg, run.total_steps)
     for k, b in enumerate(batches):
         sync = run.world == 1 or k == len(batches) - 1
-        with (contextlib.nullcontext() if sync else run.loss_model.no_sync()), run.autocast():
+        if run.fsdp:  # reduce-scatter the gradients once per window
+            run.loss_model.set_requires_gradient_sync(sync)
+        with (contextlib.nullcontext() if sync or run.fsdp else run.loss_model.no_sync()), run.autocast():
             s, _ = run.loss_model(**b)
             (s * run.world / n_tok).backward()  # DDP averages over ranks; the window's token mean results
         loss_sum += s.detach().float()
@@ -233,7 +212,8 @@ def _validate(cfg: TrainConfig, p: Problems | None = None) -> None:
     p = p or Problems("invalid training config")
     for name, allowed in (("schedule", ("constant", "cosine")), ("precision", ("fp32", "bf16", "auto")),
                           ("template", D.TEMPLATES), ("truncation", ("prompt", "error")),
-                          ("on_bad_rows", ("error", "skip")), ("quantize", ("none", "nf4", "int8"))):
+                          ("on_bad_rows", ("error", "skip")), ("quantize", ("none", "nf4", "int8")),
+                          ("parallel", ("ddp", "fsdp"))):
         if getattr(cfg, name) not in allowed:
             p.add(f"{name}={getattr(cfg, name)!r}", "not an allowed value", f"use one of {list(allowed)}")
     for name in ("batch_size", "grad_accum", "max_len"):
