@@ -154,11 +154,12 @@ def test_vectors_get_their_own_learning_rate(tiny_dir, tmp_path):
     assert sorted(g["lr"] for g in run.opt.param_groups) == [0.25, 0.5]
 
 
-def test_nf4_base_trains_on_cpu(tiny_dir, tmp_path):
+@pytest.mark.parametrize("mode,cls,dtype", [("nf4", "Linear4bit", torch.uint8), ("int8", "Linear8bitLt", torch.int8)])
+def test_quantised_base_trains_on_cpu(tiny_dir, tmp_path, mode, cls, dtype):
     pytest.importorskip("bitsandbytes")
-    run = setup(cfg_for(tiny_dir, tmp_path, quantize="nf4", steps=4))
+    run = setup(cfg_for(tiny_dir, tmp_path, quantize=mode, steps=4))
     layer = dict(slimtune.ops.adapter_layers(run.model))["model.layers.0.self_attn.q_proj"]
-    assert type(layer.base).__name__ == "Linear4bit" and layer.base.weight.dtype == torch.uint8
+    assert type(layer.base).__name__ == cls and layer.base.weight.dtype == dtype
     packed = layer.base.weight.detach().clone()
     losses = [train_step(run, s).loss for s in range(4)]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
@@ -204,3 +205,20 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "Add 1 and 2"
     assert main(["train", "--model", tiny_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_grad_checkpointing_gives_the_same_step(tiny_dir, tmp_path):
+    a, b = (setup(cfg_for(tiny_dir, tmp_path, grad_checkpointing=gc)) for gc in (False, True))
+    assert b.model.is_gradient_checkpointing
+    for step in range(2):
+        sa, sb = train_step(a, step), train_step(b, step)
+        assert sa.loss == pytest.approx(sb.loss, rel=1e-6) and sa.tokens == sb.tokens
+    for pa, pb in zip(a.params, b.params):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tiny_dir, tmp_path):
+    a, b = (setup(cfg_for(tiny_dir, tmp_path, precision=p)) for p in ("fp32", "bf16"))
+    assert b.bf16 and not a.bf16 and all(p.dtype == torch.float32 for p in b.params)  # adapters stay fp32
+    la, lb = train_step(a, 0).loss, train_step(b, 0).loss
+    assert lb == pytest.approx(la, rel=2e-2)
