@@ -14,7 +14,8 @@ this module only resolves each part to a tensor and applies the formula.
 Two ways to compute the same thing; `forward` takes the one with fewer FLOPs:
 - per token:  h = s · b ⊙ (B (d ⊙ (A x)))         ~ N·r·(in+out) multiply-adds (×3 to train)
 - dense:      y = (W0 + s · ΔW) x, ΔW = Λ_b B Λ_d A  ~ r·in·out, plus N·in·out for ∂ΔW to train
-At high rank (VeRA's r = 256…1024) the dense form wins for training-sized batches.
+At high rank (VeRA's r = 256…1024) the dense form wins for training-sized batches; it runs as
+one autograd function (dense.py) that keeps only x and rebuilds ΔW in the backward.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..targets import weight_oi
 from .base import AdapterLayer, SharedTensors
+from .dense import DenseLowRank
 
 
 class LowRankLinear(AdapterLayer):
@@ -91,6 +93,8 @@ class LowRankLinear(AdapterLayer):
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         A, B, d, b = (self.part(n) for n in "ABdb")
         if self.use_dense(x):
+            if not torch.is_autocast_enabled(x.device.type):  # keeps only x; ΔW rebuilt in the backward
+                return DenseLowRank.apply(x, weight_oi(self.base), self.base.bias, A, B, d, b, self.scale)
             W = weight_oi(self.base) + self.scale * self.delta_weight().to(self.base.weight.dtype)
             return F.linear(x, W, self.base.bias)  # (B, T, out)
         y = self.base(x)  # (B, T, out)
