@@ -15,7 +15,7 @@ Memory: on CUDA the peak allocated; on CPU the peak resident set (VmHWM, reset b
 step through /proc/self/clear_refs; glibc is told to mmap every large block so that freed
 tensors leave the RSS). Both are compared with what the adapter must keep for its gradients,
 computed from the shapes: per layer, x if A trains, A x if d trains, d ⊙ A x if B trains, the
-B-output if b trains (VeRA keeps no x: its A is frozen), x and W0 + ΔW on the dense form,
+B-output if b trains (VeRA keeps no x: its A is frozen), x alone on the dense form,
 plus AdamW's state (grad, exp_avg, exp_avg_sq) for every trained tensor.
 """
 
@@ -68,9 +68,8 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
             flops += dense_flops if dense else per_token
             trains = {p: t is not None and t.requires_grad for p, t in ((p, layer.part(p)) for p in "ABdb")}
-            if dense:  # x for ∂W, W0 + ΔW for ∂x, and each factor of ΔW for the other's gradient
-                keep_x, act = True, act + o * i * elt
-                act += layer.r * elt * (i * (trains["B"] or trains["b"]) + o * (trains["A"] or trains["d"]))
+            if dense:  # the fused dense form keeps x alone and rebuilds ΔW in the backward
+                keep_x = True
             else:
                 keep_x = trains["A"]
                 act += n * layer.r * elt * (trains["d"] + trains["B"])  # A x for ∂d, d ⊙ A x (or A x) for ∂B
