@@ -22,7 +22,7 @@ import yaml
 from . import config as C
 from .errors import Problem, SlimtuneError
 from .models import DEFAULT_MODEL, shipped_configs
-from .presets import ALIASES, PRESETS, preset
+from .presets import ALIASES, PRESETS, merge_overrides, preset_config
 
 
 def _number_or_str(s: str) -> float | str:
@@ -83,14 +83,14 @@ def _read_config_file(path: str) -> dict:
 
 def adapter_config(args: argparse.Namespace) -> C.AdapterConfig:
     """Preset (or --config file), then flags on top; unknown or misplaced keys are errors."""
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    overrides: dict = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg:"):
+            _set(overrides, key[4:], value)
     if getattr(args, "config", None):
         base = C.to_dict(C.config_from_dict(_read_config_file(args.config)))
-    else:  # the rank first: presets derive other defaults from it
-        base = C.to_dict(preset(args.method, **({"r": overrides.pop("r")} if "r" in overrides else {})))
-    for key, value in overrides.items():
-        _set(base, key, value)
-    return C.config_from_dict(base)  # validates too
+        return C.config_from_dict(merge_overrides(base, overrides))  # validates too
+    return preset_config(args.method, overrides)
 
 
 def cmd_params(args) -> int:

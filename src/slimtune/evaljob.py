@@ -13,7 +13,13 @@ from . import data as D
 from .config import EvalConfig
 from .errors import Problems
 from .evaluate import CausalLMLoss, eval_loss, generate, score
-from .prepare import tokenize
+from .parallel import resolve_device
+from .prepare import pad_id, tokenize
+
+
+def _jsonl(path: str | Path) -> list:
+    """The JSON values of a .jsonl file's non-blank lines."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def load_eval_rows(cfg: EvalConfig) -> tuple[list[D.Example], list[str]]:
@@ -24,19 +30,14 @@ def load_eval_rows(cfg: EvalConfig) -> tuple[list[D.Example], list[str]]:
 
         rows = demo_split(2000, cfg.limit or 100)[1]
         return [D.to_example(r, f"demo-eval[{i}]") for i, r in enumerate(rows)], [str(i) for i in range(len(rows))]
-    refs = {}
-    if cfg.references:
-        for line in Path(cfg.references).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                refs[r["question_id"]] = r["choices"][0]["turns"][0]
+    refs = {r["question_id"]: r["choices"][0]["turns"][0] for r in _jsonl(cfg.references)} if cfg.references else {}
     examples, ids, plain = [], [], []
     for f in cfg.data:
         try:
-            rows = [json.loads(x) for x in Path(f).read_text(encoding="utf-8").splitlines() if x.strip()]
+            rows = _jsonl(f) if f.endswith(".jsonl") else []
         except (OSError, ValueError):
             rows = []  # load_rows below reports what is wrong with the file
-        if f.endswith(".jsonl") and rows and all(isinstance(r, dict) and "turns" in r for r in rows):
+        if rows and all(isinstance(r, dict) and "turns" in r for r in rows):
             for r in rows:
                 ex = D.Example([{"role": "user", "content": r["turns"][0]}], refs.get(r["question_id"], ""),
                                where=f"{f}:{r['question_id']}")
@@ -56,7 +57,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     import slimtune
     from .quantize import quantize_model
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if model is None:
         model = slimtune.load_model(cfg.model).to(device)
         tokenizer = slimtune.load_tokenizer(cfg.model)
@@ -67,10 +68,9 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
     examples, ids = load_eval_rows(cfg)
     with_ref = [e for e in examples if e.response]
     summary: dict = {"model": cfg.model, "adapter": cfg.adapter, "rows": len(examples)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if with_ref:
         summary.update(eval_loss(CausalLMLoss(model), tokenize(with_ref, tokenizer, cfg.template, cfg.max_len),
-                                 cfg.batch_size, pad, device))
+                                 cfg.batch_size, pad_id(tokenizer), device))
     torch.manual_seed(cfg.seed)
     preds = generate(model, tokenizer, examples, cfg.template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
                      cfg.temperature, cfg.top_p, cfg.seed)
@@ -106,11 +106,7 @@ def judge_rows(cfg: EvalConfig, rows: list[dict]) -> dict:
     out = {"judge_model": cfg.judge_model, "judge_score": sum(scores) / len(scores) if scores else None,
            "judge_scored": len(scores)}
     if cfg.pairwise_against:
-        theirs = {}
-        for line in Path(cfg.pairwise_against).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                o = json.loads(line)
-                theirs[str(o["id"])] = o["prediction"]
+        theirs = {str(o["id"]): o["prediction"] for o in _jsonl(cfg.pairwise_against)}
         missing = [r["id"] for r in rows if str(r["id"]) not in theirs]
         if missing:
             p = Problems("pairwise comparison impossible")

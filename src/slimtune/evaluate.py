@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE, Example
-from .prepare import collate, format_example
+from .prepare import collate, format_example, pad_id
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -58,7 +58,7 @@ def generate(model, tokenizer, examples: list[Example], template: str = "chat", 
     device = next(model.parameters()).device
     prompts = [format_example(e, template, tokenizer)[0] for e in examples]
     outs: list[str] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     was_training = model.training
     model.eval()

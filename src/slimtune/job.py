@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -23,6 +22,7 @@ from .errors import Problems
 from .evaluate import eval_loss, generate, score
 from .io import adapter_state_dict
 from .ops import count_parameters
+from .prepare import pad_id
 from .parallel import barrier, full_tensors
 from .train import Interrupted, Run, setup, train_step
 
@@ -30,6 +30,12 @@ from .train import Interrupted, Run, setup, train_step
 def _log(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _val_record(step: int, scores: dict) -> dict:
+    """A metrics line for an evaluation: the held-out loss, and exact match when generated."""
+    return {"step": step, "val_loss": scores["loss"], **({"exact_match": scores["exact_match"]}
+                                                          if "exact_match" in scores else {})}
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -41,10 +47,9 @@ def _trim_log(path: Path, step: int) -> None:
 
 def evaluate_run(run: Run, n_generate: int) -> dict:
     """Validation loss and, on n_generate held-out examples, exact match and ROUGE-L."""
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     loss_model = run.loss_model.module if run.world > 1 and not run.fsdp else run.loss_model
     run.model.eval()
-    out = eval_loss(loss_model, run.val, run.cfg.batch_size, pad, run.device, run.autocast)
+    out = eval_loss(loss_model, run.val, run.cfg.batch_size, pad_id(run.tokenizer), run.device, run.autocast)
     run.model.train()
     if n_generate:
         examples = run.val_examples[:n_generate]
@@ -104,15 +109,15 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
         metrics.unlink(missing_ok=True)
     count = count_parameters(run.model)
     n_gen = 0 if run.fsdp else cfg.eval_generate  # FSDP2: loss only, computed by every rank together
-    before = state.get("before") or (evaluate_run(run, n_gen) if main or run.fsdp else {})
+    before = state.get("before") or (evaluate_run(run, n_gen) if run.evaluates else {})
     if main and not cfg.resume:
-        _log(metrics, {"step": 0, "val_loss": before["loss"], **{k: before[k] for k in ("exact_match",) if k in before}})
+        _log(metrics, _val_record(0, before))
     t0, tokens, losses = time.perf_counter(), 0, {}
     bar = tqdm(total=run.total_steps, initial=start, disable=not (cfg.progress and main), unit="step",
                dynamic_ncols=True)
 
     def checkpoint(step: int) -> None:
-        if main or run.fsdp:  # under FSDP2 every rank takes part in gathering the tensors
+        if run.evaluates:  # under FSDP2 every rank takes part in gathering the tensors
             save_checkpoint(out, step, run.model, run.opt,
                             {"window": run.window, "epoch": step // run.steps_per_epoch,
                              "position": step % run.steps_per_epoch, "total_steps": run.total_steps,
@@ -131,7 +136,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
             if main and (step % cfg.log_every == 0 or step == run.total_steps):
                 _log(metrics, {"step": step, "loss": loss, "grad_norm": st.grad_norm, "tokens_per_s": rate,
                                "lr": [g["lr"] for g in run.opt.param_groups]})
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and (main or run.fsdp):
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and run.evaluates:
                 val = evaluate_run(run, 0)["loss"]
                 if main:
                     _log(metrics, {"step": step, "val_loss": val})
@@ -146,12 +151,12 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     checkpoint(step)
     summary = {"steps": step, "train_seconds": time.perf_counter() - t0, "trainable": count.trainable,
                "base": count.base, "losses": losses}
-    after = evaluate_run(run, n_gen) if main or run.fsdp else {}
+    after = evaluate_run(run, n_gen) if run.evaluates else {}
     adapter = full_tensors(adapter_state_dict(run.model)) if run.fsdp else None
     if main:
         import slimtune
 
-        _log(metrics, {"step": step, "val_loss": after["loss"], **{k: after[k] for k in ("exact_match",) if k in after}})
+        _log(metrics, _val_record(step, after))
         slimtune.save_adapter(run.model, out / "adapter", adapter)
         plot_losses(metrics, out / "loss.png")
         summary.update(before=before, after=after)

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters.base import AdapterLayer
 from .errors import Problems
+from .quantize import is_quantized
 from .targets import weight_oi
 
 
@@ -105,7 +106,7 @@ def _fold(model: nn.Module, merge: bool) -> None:
     problems = Problems("merge refused" if merge else "unmerge refused")
     for name, layer in todo:
         base = layer.base
-        if not torch.is_floating_point(base.weight):
+        if is_quantized(base):
             problems.add(f"layer {name} ({type(base).__name__}, {base.weight.dtype})",
                          "its base weight is quantised; folding would need a lossy requantisation",
                          "merge into the full-precision base: `slimtune merge --model BASE --adapter DIR` "
@@ -155,7 +156,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         owner, _, leaf = key.rpartition(".base.")
         if owner in layers and "." not in leaf:
             layer = layers[owner]
-            if not torch.is_floating_point(layer.base.weight):
+            if is_quantized(layer.base):
                 _fold(model, merge=True)  # raises the quantised-base error
             if not layer.merged:
                 bias = None if layer.base.bias is None else layer.base.bias.float()

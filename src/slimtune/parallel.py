@@ -18,12 +18,17 @@ from torch import nn
 from .errors import Problems
 
 
+def resolve_device(choice: str) -> torch.device:
+    """'auto' is CUDA where there is one, else the CPU; anything else is taken as named."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice)
+
+
 def init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device); a single process unless launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_choice != "cpu"
     if world == 1:
-        return 0, 1, torch.device(("cuda" if cuda else "cpu") if device_choice == "auto" else device_choice)
+        return 0, 1, resolve_device(device_choice)
+    cuda = torch.cuda.is_available() and device_choice != "cpu"
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -113,6 +113,11 @@ def pack(prep: Prepared, max_len: int) -> Prepared:
     return out
 
 
+def pad_id(tokenizer) -> int:
+    """The token that pads a batch: the tokenizer's pad token, else its EOS (labels mask it out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(rows_ids: list[list[int]], rows_labels: list[list[int]], pad_id: int, side: str = "right") -> dict:
     """Pad to the longest row: input_ids, attention_mask, labels (IGNORE on padding)."""
     T = max(len(r) for r in rows_ids)

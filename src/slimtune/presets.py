@@ -77,6 +77,21 @@ def preset(name: str, **overrides: Any) -> AdapterConfig:
     return cfg
 
 
+def merge_overrides(base: dict, over: dict) -> dict:
+    """`base` with `over`'s keys on top; nested mappings (A: {mode: ...}) merge key by key."""
+    return {**base, **{k: merge_overrides(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def preset_config(method: str, overrides: dict) -> AdapterConfig:
+    """The preset `method` with nested overrides given as plain data (flags, a YAML section),
+    validated. The rank goes first: presets derive other defaults from it."""
+    from .config import config_from_dict, to_dict
+
+    r = overrides.get("r") if isinstance(overrides.get("r"), int) else None
+    return config_from_dict(merge_overrides(to_dict(preset(method, **({} if r is None else {"r": r}))), overrides))
+
+
 def _is_zero(init: str | float) -> bool:
     return init == "zeros" or (not isinstance(init, str) and float(init) == 0.0)
 

@@ -58,5 +58,6 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
 
 
 def is_quantized(layer: nn.Module) -> bool:
+    """A layer whose weight is stored as integers (bitsandbytes NF4 / int8): it cannot be folded into."""
     w = getattr(layer, "weight", None)
     return w is not None and not torch.is_floating_point(w)

@@ -1,14 +1,14 @@
 """The one training loop, shared by `slimtune train`, the tests and bench/train.py.
 
     run = setup(cfg)                 # model + adapter (+ quantised base), data, optimiser
-    loss, tokens, norm = train_step(run, step)
-    train(cfg)                       # the whole job: resume, log, checkpoint, evaluate
+    stats = train_step(run, step)    # StepStats: loss, labelled and processed tokens, grad norm
+    job.run_training(cfg)            # the whole job: resume, log, checkpoint, evaluate
 
 One optimiser step consumes a global window of batch_size x grad_accum x world examples.
 The loss is summed over the window's labelled tokens and divided by their number (across
 micro-batches and ranks), so 1x8, 4x2 and 8x1 give the same gradient. Under torchrun the
-same command runs DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone logs
-and checkpoints.
+same command runs DistributedDataParallel or FSDP2 (parallel.py); rank 0 alone logs and
+writes checkpoints.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from torch import nn
 
 from . import data as D
 from . import prepare as P
-from .config import TrainConfig, config_from_dict, from_dict, to_dict
+from .config import TrainConfig, from_dict
 from .errors import Problems
 from .evaluate import CausalLMLoss
 from .ops import set_trainable
 from .parallel import init_distributed, wrap
+from .quantize import MODES as QUANT_MODES
 
 DEFAULT_LR = {"matrix": 1e-3, "vector": 1e-2}  # adapter matrices (A, B); vectors (VeRA d/b, Tied-LoRA u/v, (IA)3 l)
 
@@ -51,7 +52,12 @@ class Run:
     world: int = 1
     bf16: bool = False
     params: list = dataclasses.field(default_factory=list)
-    fsdp: bool = False  # FSDP2: every rank takes part in evaluation and checkpoint gathering
+    fsdp: bool = False
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank evaluates and gathers checkpoints: rank 0, or every rank under FSDP2."""
+        return self.rank == 0 or self.fsdp
 
     @property
     def window(self) -> int:
@@ -158,7 +164,7 @@ def micro_batches(run: Run, step: int) -> list[dict]:
     epoch, pos = divmod(step, run.steps_per_epoch)
     order = P.epoch_order(len(run.train.input_ids), cfg.seed, epoch)
     window = order[pos * run.window:(pos + 1) * run.window]
-    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    pad = P.pad_id(run.tokenizer)
     out = []
     for m in range(cfg.grad_accum):
         idx = window[(m * run.world + run.rank) * B:(m * run.world + run.rank + 1) * B]
@@ -212,7 +218,7 @@ def _validate(cfg: TrainConfig, p: Problems | None = None) -> None:
     p = p or Problems("invalid training config")
     for name, allowed in (("schedule", ("constant", "cosine")), ("precision", ("fp32", "bf16", "auto")),
                           ("template", D.TEMPLATES), ("truncation", ("prompt", "error")),
-                          ("on_bad_rows", ("error", "skip")), ("quantize", ("none", "nf4", "int8")),
+                          ("on_bad_rows", ("error", "skip")), ("quantize", QUANT_MODES),
                           ("parallel", ("ddp", "fsdp"))):
         if getattr(cfg, name) not in allowed:
             p.add(f"{name}={getattr(cfg, name)!r}", "not an allowed value", f"use one of {list(allowed)}")
@@ -230,14 +236,9 @@ def _validate(cfg: TrainConfig, p: Problems | None = None) -> None:
 
 def adapter_config_for(cfg: TrainConfig):
     """The preset named by cfg.method with cfg.adapter's overrides (nested keys merge)."""
-    from .presets import preset
+    from .presets import preset_config
 
-    def merge(base: dict, over: dict) -> dict:
-        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in over.items()}}
-
-    r = cfg.adapter.get("r") if isinstance(cfg.adapter.get("r"), int) else None
-    return config_from_dict(merge(to_dict(preset(cfg.method, **({"r": r} if r else {}))), cfg.adapter))
+    return preset_config(cfg.method, cfg.adapter)
 
 
 def train_config(data: dict) -> TrainConfig:
