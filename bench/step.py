@@ -11,11 +11,13 @@ the median step of each is compared with:
   low-rank or dense ΔW), turned into time at the floor's measured FLOP rate;
 - PEFT's implementation of the same method, where PEFT has it.
 
-Memory: on CUDA the peak allocated; on CPU the peak resident set (VmHWM, reset before each
-step through /proc/self/clear_refs; glibc is told to mmap every large block so that freed
-tensors leave the RSS). Both are compared with what the adapter must keep for its gradients,
-computed from the shapes: per layer, x if A trains, A x if d trains, d ⊙ A x if B trains, the
-B-output if b trains (VeRA keeps no x: its A is frozen), x alone on the dense form,
+Memory: on CUDA the peak allocated, in the same run; on CPU the peak resident set (VmHWM,
+reset before each step through /proc/self/clear_refs), in a second process where glibc is
+told to mmap every large block so that freed tensors leave the RSS. Times are never taken in
+that process: an mmap and its page faults for every tensor slow the step by ~20 %, and more
+for code that allocates more, which is not the allocator users run. Both are compared with what the adapter must keep for its gradients,
+computed from the shapes: per layer, x if A trains and a = A x (N, r) if d, B or b trains (VeRA
+keeps no x: its A is frozen) on the per-token form, x alone on the dense form,
 plus AdamW's state (grad, exp_avg, exp_avg_sq) for every trained tensor.
 """
 
@@ -29,17 +31,16 @@ import statistics
 import sys
 import time
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and sys.platform == "linux":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # must be set before the process starts: re-exec
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+import json
+import subprocess
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-import slimtune  # noqa: E402
-from slimtune.adapters.ia3 import IA3Linear  # noqa: E402
-from slimtune.adapters.lowrank import LowRankLinear  # noqa: E402
-from slimtune.ops import adapter_layers  # noqa: E402
+import slimtune
+from slimtune.adapters.ia3 import IA3Linear
+from slimtune.adapters.lowrank import LowRankLinear
+from slimtune.ops import adapter_layers
 
 
 def peft_model(base: nn.Module, method: str, r: int | None):
@@ -71,9 +72,8 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             if dense:  # the fused dense form keeps x alone and rebuilds ΔW in the backward
                 keep_x = True
             else:
-                keep_x = trains["A"]
-                act += n * layer.r * elt * (trains["d"] + trains["B"])  # A x for ∂d, d ⊙ A x (or A x) for ∂B
-                act += n * o * elt * trains["b"]
+                keep_x = trains["A"]  # the fused per-token form keeps x for ∂A and a = A x for ∂d, ∂B, ∂b
+                act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"])
         elif isinstance(layer, IA3Linear):
             flops += 3 * n * (i if layer.where == "input" else o)
             keep_x = layer.where == "input"
@@ -141,8 +141,8 @@ class Variant:
         self.times: list[float] = []
         self.mems: list[int] = []
 
-    def step(self, ids: torch.Tensor, device: str, dtype: torch.dtype) -> None:
-        start_mem = reset_peak(device)
+    def step(self, ids: torch.Tensor, device: str, dtype: torch.dtype, memory: bool) -> None:
+        start_mem = reset_peak(device) if memory else 0
         t0 = time.perf_counter()
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             loss = self.model(ids, labels=ids).loss
@@ -153,7 +153,8 @@ class Variant:
         if device == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t0)
-        self.mems.append(read_peak(device) - start_mem)
+        if memory:
+            self.mems.append(read_peak(device) - start_mem)
 
 
 def main() -> None:
@@ -166,7 +167,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
     ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
+    if args.memory_child:
+        args.reps = 1
     dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(0)
     base = slimtune.load_model(args.model).requires_grad_(False)
@@ -190,16 +194,26 @@ def main() -> None:
         if not args.no_peft and method in ("lora", "vera", "ia3"):
             variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),
                                     args.device))
+    in_process = args.device == "cuda" or args.memory_child  # where memory is read
     for rnd in range(args.reps + 1):
         for v in variants:
-            v.step(ids, args.device, dtype)
+            v.step(ids, args.device, dtype, memory=in_process)
             if rnd == 0:  # warm-up round: discard
                 v.times.clear()
                 v.mems.clear()
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+    if args.memory_child:
+        print(json.dumps({v.name: statistics.median(v.mems) for v in variants}))
+        return
 
     med = {v.name: statistics.median(v.times) for v in variants}
-    mem = {v.name: statistics.median(v.mems) for v in variants}
+    if in_process:
+        mem = {v.name: statistics.median(v.mems) for v in variants}
+    else:  # glibc's mmap threshold must be set before a process starts: a child reads the peaks
+        print("memory pass (a second process)", file=sys.stderr, flush=True)
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-child"], check=True,
+                               stdout=subprocess.PIPE, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        mem = json.loads(child.stdout.strip().splitlines()[-1])
     floor_t, floor_m = med["floor"], mem["floor"]
     rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
     print(f"\n# bench/step.py  {args.model}  {args.device} {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
@@ -207,8 +221,8 @@ def main() -> None:
           f"  {time.strftime('%Y-%m-%d')}")
     print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
           f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s\n")
-    print(f"| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | "
-          f"peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
+    print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | "
+          "peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
     print("|---|---|---|---|---|---|---|---|---|")
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")

@@ -121,21 +121,40 @@ def test_real_init_trains_every_part(arch, method):
 
 
 @pytest.mark.parametrize("method", ["lora", "vera", "tied-lora", "tied-lora-ba"])
-def test_dense_and_per_token_forms_agree(arch, method, monkeypatch):
+def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
+    """The two fused functions and plain autograd through the formula (the quantised-base path)."""
     base, model = adapted(arch, method)
     x = batch(base)
     params = slimtune.trainable_parameters(model)
     results = []
-    for dense in (False, True):
+    for dense, fusable in ((False, False), (False, True), (True, True)):
         monkeypatch.setattr(LowRankLinear, "use_dense", lambda self, x, d=dense: d)
+        monkeypatch.setattr(LowRankLinear, "fusable", lambda self, f=fusable: f)
         for p in params.values():
             p.grad = None
         out = logits(model, x)
         out.square().mean().backward()
         results.append((out.detach(), {k: p.grad.clone() for k, p in params.items()}))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    for k in params:
-        torch.testing.assert_close(results[0][1][k], results[1][1][k], atol=1e-5, rtol=1e-4)
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], atol=1e-5, rtol=1e-5)
+        for k in params:
+            torch.testing.assert_close(other[1][k], results[0][1][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, r, tokens, grad, dense", [
+    ("lora", 4, 512, True, False),  # low rank: the per-token products are far cheaper
+    ("vera", 256, 512, True, True),  # high rank, many tokens: one (out, in) ΔW is cheaper
+    ("vera", 256, 1, False, False),  # generation (one token, no grad): per token again
+])
+def test_each_layer_picks_the_form_with_fewer_multiply_adds(method, r, tokens, grad, dense):
+    base = tiny("llama").requires_grad_(False)
+    model = slimtune.add_adapter(clone(base), slimtune.preset(method, r=r, targets=["q_proj"]))
+    layer = next(layer for _, layer in adapter_layers(model))
+    x = torch.randn(1, tokens, layer.in_features)
+    per_token, dense_flops = layer.flops(tokens, training=grad)
+    assert (dense_flops < per_token) == dense
+    with torch.set_grad_enabled(grad):
+        assert layer.use_dense(x) == dense
 
 
 def test_shared_tensors_created_once(arch):
@@ -149,13 +168,33 @@ def test_shared_tensors_created_once(arch):
         assert layer.part("A").data_ptr() == shared.A__model.data_ptr()  # a view, not a copy
 
 
-@pytest.mark.parametrize("with_vectors", [True, False])
-def test_dense_function_gradients(with_vectors):
-    """The fused dense form's hand-written backward against numerical gradients (float64)."""
-    from slimtune.adapters.dense import DenseLowRank
-
+def _fn_inputs(with_vectors, trained="ABdb"):
     g = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
     x, W0, bias, A, B = make(2, 3, 5), make(4, 5), make(4), make(3, 5), make(4, 3)
     d, b = (make(3), make(4)) if with_vectors else (None, None)
-    assert torch.autograd.gradcheck(DenseLowRank.apply, (x, W0, bias, A, B, d, b, 0.7))
+    for name, t in zip("ABdb", (A, B, d, b)):
+        if t is not None and name not in trained:
+            t.requires_grad_(False)  # frozen, as VeRA's A and B are
+    return x, W0, bias, A, B, d, b
+
+
+@pytest.mark.parametrize("with_vectors", [True, False])
+def test_dense_function_gradients(with_vectors):
+    """The fused dense form's hand-written backward against numerical gradients (float64)."""
+    from slimtune.adapters.fused import DenseLowRank
+
+    assert torch.autograd.gradcheck(DenseLowRank.apply, (*_fn_inputs(with_vectors), 0.7))
+
+
+@pytest.mark.parametrize("trained", ["ABdb", "db", "B", "Ad"])
+@pytest.mark.parametrize("with_vectors", [True, False])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_per_token_function_gradients(with_vectors, trained, dropout):
+    """The fused per-token form against numerical gradients, for every subset of trained parts,
+    with the adapter reading x itself or a separate (dropped-out) input."""
+    from slimtune.adapters.fused import PerTokenLowRank
+
+    x, W0, bias, A, B, d, b = _fn_inputs(with_vectors, trained)
+    xa = (x.detach() * 1.5).requires_grad_() if dropout else None
+    assert torch.autograd.gradcheck(PerTokenLowRank.apply, (x, xa, W0, bias, A, B, d, b, 0.7))

@@ -11,11 +11,12 @@
 Which of A, B, d, b is absent, trained, tied, random or frozen is data (`LowRankConfig`);
 this module only resolves each part to a tensor and applies the formula.
 
-Two ways to compute the same thing; `forward` takes the one with fewer FLOPs:
-- per token:  h = s · b ⊙ (B (d ⊙ (A x)))         ~ N·r·(in+out) multiply-adds (×3 to train)
+Two ways to compute the same thing; `forward` takes the one with fewer FLOPs (`flops`):
+- per token:  h = s · b ⊙ (B (d ⊙ (A x)))         ~ N·r·(in+out) multiply-adds (×2–3 to train)
 - dense:      y = (W0 + s · ΔW) x, ΔW = Λ_b B Λ_d A  ~ r·in·out, plus N·in·out for ∂ΔW to train
-At high rank (VeRA's r = 256…1024) the dense form wins for training-sized batches; it runs as
-one autograd function (dense.py) that keeps only x and rebuilds ΔW in the backward.
+At high rank (VeRA's r = 256…1024) the dense form wins for most training-sized batches. Both run
+as autograd functions with hand-written backwards (fused.py); over a quantised base, whose W0
+is never materialised, plain autograd runs the per-token formula.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from ..targets import weight_oi
 from .base import AdapterLayer, SharedTensors
-from .dense import DenseLowRank
+from .fused import DenseLowRank, PerTokenLowRank
 
 
 class LowRankLinear(AdapterLayer):
@@ -57,9 +58,12 @@ class LowRankLinear(AdapterLayer):
         if key is None:
             return getattr(self, name, None)
         t = getattr(self._shared[0], key)
+        # Slice only a larger tensor: a full slice would still cost a zero-filled gradient per layer.
         if name == "A":
-            return t[:, : self.in_features]  # (r, in)
-        return t[: self.out_features] if name in ("B", "b") else t  # B (out, r), b (out,), d (r,)
+            return t if t.shape[1] == self.in_features else t[:, : self.in_features]  # (r, in)
+        if name in ("B", "b") and t.shape[0] != self.out_features:
+            return t[: self.out_features]  # B (out, r), b (out,)
+        return t
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = Λ_b B Λ_d A, (out, in)."""
@@ -71,42 +75,55 @@ class LowRankLinear(AdapterLayer):
         return B @ A  # (out, in)
 
     def flops(self, n_tokens: int, training: bool) -> tuple[int, int]:
-        """Multiply-adds of (per-token, dense) forms for n_tokens rows; used to pick one."""
-        i, o, r = self.in_features, self.out_features, self.r
-        per_token = n_tokens * r * (i + o)
-        dense = r * i * o + i * o
-        if training:  # ∂A, ∂B, ∂x through the chain vs ∂W = gᵀx then ∂A, ∂B from it
-            per_token, dense = 3 * per_token, 3 * r * i * o + n_tokens * i * o
+        """Multiply-adds of the (per-token, dense) forms for n_tokens rows, as the functions in
+        fused.py compute them (the gradient into x assumed wanted); used to pick one."""
+        i, o, r, n = self.in_features, self.out_features, self.r, n_tokens
+        trains = {p: t is not None and t.requires_grad for p, t in zip("ABdb", (self.part(p) for p in "ABdb"))}
+        if not training:
+            return n * r * (i + o), r * i * o
+        # per token: a, the up-projection, ∂(a ⊙ d) = g B̄, ∂x += ∂a A; then ∂A and ∂B̄ if they train
+        per_token = n * r * (i + 2 * o + i) + n * r * i * trains["A"] + n * r * o * (trains["B"] or trains["b"])
+        # dense: ΔW in the forward and again in the backward, G = gᵀx; then G Aᵀ and B̄ᵀ G if needed
+        dense = 2 * r * i * o + n * i * o + r * i * o * (trains["B"] or trains["b"] or trains["d"]) \
+            + r * i * o * trains["A"]
         return per_token, dense
+
+    def fusable(self) -> bool:
+        """A plain float base weight: the fused functions can read it (a quantised one they cannot)."""
+        w = self.base.weight
+        return isinstance(w, nn.Parameter) and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+    def dropping(self) -> bool:
+        return not isinstance(self.drop, nn.Identity) and self.drop.training
 
     def use_dense(self, x: torch.Tensor) -> bool:
         parts = [p for p in (self.part(n) for n in "ABdb") if p is not None]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in parts)
-        if training and not isinstance(self.drop, nn.Identity) and self.drop.training:
-            return False  # dropout applies to the adapter's input only: the dense form cannot express it
-        if not isinstance(self.base.weight, nn.Parameter) or self.base.weight.dtype not in (
-                torch.float32, torch.bfloat16, torch.float16):
-            return False  # a quantised base weight is never materialised here
+        if (training and self.dropping()) or not self.fusable():
+            return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
         per_token, dense = self.flops(x.numel() // x.shape[-1], training)
         return dense < per_token
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, d, b = (self.part(n) for n in "ABdb")
-        if self.use_dense(x):
-            if not torch.is_autocast_enabled(x.device.type):  # keeps only x; ΔW rebuilt in the backward
-                return DenseLowRank.apply(x, weight_oi(self.base), self.base.bias, A, B, d, b, self.scale)
-            W = weight_oi(self.base) + self.scale * self.delta_weight().to(self.base.weight.dtype)
-            return F.linear(x, W, self.base.bias)  # (B, T, out)
-        y = self.base(x)  # (B, T, out)
-        h = F.linear(self.drop(x).to(A.dtype), A)  # (B, T, r)
-        if d is not None:
-            h = h * d  # (B, T, r)
-        if b is None:  # y + s·h Bᵀ as one GEMM: no extra pass over (B, T, out) either way
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), B.T.to(y.dtype),
+        parts = [self.part(n) for n in "ABdb"]
+        xa = self.drop(x) if self.dropping() else None  # None: the adapter reads x itself
+        if not self.fusable():  # quantised base: plain autograd through the same formula
+            A, B, d, b = parts
+            y = self.base(x)  # (B, T, out)
+            h = F.linear((x if xa is None else xa).to(A.dtype), A)  # (B, T, r)
+            h = h if d is None else h * d  # (B, T, r)
+            Bb = B if b is None else b[:, None] * B  # (out, r): b folded in, no (B, T, out) intermediate
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), Bb.T.to(y.dtype),
                               alpha=self.scale)
             return out.view(y.shape)
-        h = F.linear(h, B)  # (B, T, out)
-        return torch.addcmul(y, h.to(y.dtype), b.to(y.dtype), value=self.scale)  # y + s·b⊙h in one pass
+        dense = self.use_dense(x)
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cast = [None if t is None else t.to(dtype) for t in (x, xa, weight_oi(self.base), self.base.bias, *parts)]
+        with torch.autocast(dev, enabled=False):  # the functions compute in one dtype, cast here as autocast would
+            if dense:
+                return DenseLowRank.apply(cast[0], *cast[2:], self.scale)
+            return PerTokenLowRank.apply(*cast, self.scale)
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias

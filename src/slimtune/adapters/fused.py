@@ -1,0 +1,122 @@
+"""The low-rank family's two forms as autograd functions with hand-written backwards.
+
+    y = x W0ᵀ + bias + s · xa Āᵀ B̄ᵀ        Ā = Λ_d A (r, in), B̄ = Λ_b B (out, r), xa = dropout(x)
+
+Plain autograd through this expression pays for every intermediate it keeps and every pass
+it makes: an (N, out) copy for the residual add, a second gradient into x summed with the
+base's, the B-output kept for ∂b. Each function here makes one pass per GEMM it needs and
+keeps only what its gradients read. Both are checked against autograd (gradcheck, float64).
+
+Per token (`PerTokenLowRank`), keeps xa (if A trains) and a = xa Aᵀ (N, r):
+    forward   y = x W0ᵀ + bias, then y += s · (a ⊙ d) B̄ᵀ in place
+    backward  u = g B̄ (N, r)    ∂a = s · u ⊙ d     ∂d = colsum(s · u ⊙ a)
+              ∂B̄ = s · gᵀ (a ⊙ d)   ∂B = Λ_b ∂B̄   ∂b = rowsum(∂B̄ ⊙ B)
+              ∂A = ∂aᵀ xa            ∂x = g W0 (+ ∂a A in the same buffer when xa is x)
+
+Dense (`DenseLowRank`, no dropout), keeps x alone and rebuilds ΔW in the backward:
+    forward   y = x (W0 + s B̄ Ā)ᵀ + bias
+    backward  G = s · gᵀx (out, in)   GAᵀ = G Aᵀ (out, r) serves B, b and d:
+              ∂B = Λ_b (GAᵀ Λ_d)     ∂b = rowsum(GAᵀ Λ_d ⊙ B)     ∂d = colsum(GAᵀ ⊙ B̄)
+              ∂A = Λ_d B̄ᵀ G          ∂x = g (W0 + s B̄ Ā)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _scaled(A, B, d, b):
+    """(Ā, B̄) = (Λ_d A, Λ_b B)."""
+    return (A if d is None else d[:, None] * A), (B if b is None else b[:, None] * B)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])  # (..., k) -> (N, k)
+
+
+class PerTokenLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, xa, W0, bias, A, B, d, b, s: float):
+        need = ctx.needs_input_grad  # x, xa, W0, bias, A, B, d, b, s
+        x2 = _rows(x)  # (N, in)
+        xa2 = x2 if xa is None else _rows(xa)  # (N, in)
+        a = (A @ xa2.T).T  # (N, r); this operand order is the faster one for CPU BLAS
+        Bb = B if b is None else b[:, None] * B  # (out, r)
+        y = F.linear(x2, W0, bias).addmm_(a if d is None else a * d, Bb.T, alpha=s)  # (N, out)
+        ctx.save_for_backward(x2 if need[2] else None, xa2 if need[4] else None,
+                              a if any(need[5:8]) else None, W0, A, B, d, b)
+        ctx.s, ctx.xa_is_x, ctx.shape = s, xa is None, x.shape
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa2, a, W0, A, B, d, b = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        g2 = _rows(g)  # (N, out)
+        gx = gxa = gW0 = gbias = gA = gB = gd = gb = None
+        Bb = B if b is None else b[:, None] * B  # (out, r)
+        if (need[0] and ctx.xa_is_x) or need[1] or need[4] or need[6]:
+            ga = (Bb.T @ g2.T).T * s  # ∂(a ⊙ d) (N, r)
+            if need[6]:
+                gd = (ga * a).sum(0)  # (r,)
+            if d is not None:
+                ga = ga * d  # ∂a (N, r)
+            if need[4]:
+                gA = ga.T @ xa2  # (r, in)
+            if need[1]:
+                gxa = (ga @ A).view(ctx.shape)  # (..., in)
+        if need[0]:
+            gx = g2 @ W0  # (N, in)
+            if ctx.xa_is_x:
+                gx.addmm_(ga, A)  # xa is x: its gradient joins the base's in the same buffer
+        if need[5] or need[7]:
+            ad = a if d is None else a * d  # (N, r)
+            gBb = (ad.T @ g2).T * s  # ∂B̄ (out, r)
+            if need[5]:
+                gB = gBb if b is None else b[:, None] * gBb
+            if need[7]:
+                gb = (gBb * B).sum(1)  # (out,)
+        if need[2]:
+            gW0 = g2.T @ x2  # a base weight that trains (not slimtune's default)
+        if need[3]:
+            gbias = g2.sum(0)
+        return (None if gx is None else gx.view(ctx.shape)), gxa, gW0, gbias, gA, gB, gd, gb, None
+
+
+class DenseLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W0, bias, A, B, d, b, s: float):
+        Ad, Bb = _scaled(A, B, d, b)
+        W = torch.addmm(W0, Bb, Ad, alpha=s)  # (out, in) = W0 + s·ΔW, freed after the forward
+        ctx.save_for_backward(x, W0, A, B, d, b)
+        ctx.s = s
+        return F.linear(x, W, bias)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W0, A, B, d, b = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad  # x, W0, bias, A, B, d, b, s
+        Ad, Bb = _scaled(A, B, d, b)
+        g2 = _rows(g)  # (N, out)
+        gx = gW0 = gbias = gA = gB = gd = gb = None
+        if need[0]:
+            gx = (g2 @ torch.addmm(W0, Bb, Ad, alpha=s)).view(x.shape)  # (..., in)
+        if need[1]:  # a base weight that trains (not slimtune's default)
+            gW0 = g2.T @ _rows(x)
+        if need[2]:
+            gbias = g2.sum(0)
+        if any(need[3:7]):
+            G = g2.T @ _rows(x)  # ∂ΔW / s (out, in); s is applied to the small products below
+            if need[3]:
+                gA = (Bb.T @ G) * (s if d is None else s * d[:, None])  # (r, in)
+            if need[4] or need[5] or need[6]:
+                GAt = (G @ A.T) * s  # (out, r)
+                gBb = GAt if d is None else GAt * d  # ∂B̄ (out, r)
+                if need[4]:
+                    gB = gBb if b is None else b[:, None] * gBb
+                if need[6]:
+                    gb = (gBb * B).sum(1)  # (out,)
+                if need[5]:
+                    gd = (GAt * Bb).sum(0)  # (r,)
+        return gx, gW0, gbias, gA, gB, gd, gb, None
