@@ -3,8 +3,10 @@
     python bench/step.py                       # CPU, fp32, batch 4 x 256
     python bench/step.py --device cuda         # bf16 autocast on CUDA
 
-Variants run in alternation (round-robin, `--reps` rounds) so machine noise hits all alike;
-the median step of each is compared with:
+Variants run in alternation (`--reps` rounds), with a floor step between every two, so each
+step is divided by the mean of the floor steps either side of it; the median of those paired
+ratios over the rounds is what the table reports (machine noise drifts over seconds here, and
+hits a step and its neighbours alike). Each variant is compared with:
 - the floor: the frozen base model, forward and backward with nothing trained (the gradient
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
@@ -139,6 +141,7 @@ class Variant:
         # backward runs through the whole network, as every adapter's backward does.
         self.hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if not self.params else None
         self.times: list[float] = []
+        self.ratios: list[float] = []  # step time over the mean of the floor steps either side
         self.mems: list[int] = []
 
     def step(self, ids: torch.Tensor, device: str, dtype: torch.dtype, memory: bool) -> None:
@@ -169,8 +172,6 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
-    if args.memory_child:
-        args.reps = 1
     dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(0)
     base = slimtune.load_model(args.model).requires_grad_(False)
@@ -195,18 +196,28 @@ def main() -> None:
             variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),
                                     args.device))
     in_process = args.device == "cuda" or args.memory_child  # where memory is read
-    for rnd in range(args.reps + 1):
+    if args.memory_child:  # peaks only: a warm-up step, then the measured one
         for v in variants:
+            for _ in range(2):
+                v.step(ids, args.device, dtype, memory=True)
+        print(json.dumps({v.name: v.mems[-1] for v in variants}))
+        return
+    floor = variants[0]
+    for rnd in range(args.reps + 1):
+        floor.step(ids, args.device, dtype, memory=in_process)
+        for v in variants[1:]:  # the floor between every two variants: each is timed against its neighbours
             v.step(ids, args.device, dtype, memory=in_process)
-            if rnd == 0:  # warm-up round: discard
+            floor.step(ids, args.device, dtype, memory=in_process)
+            if rnd > 0:
+                v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
+        if rnd == 0:  # warm-up round: discard
+            for v in variants:
                 v.times.clear()
                 v.mems.clear()
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
-    if args.memory_child:
-        print(json.dumps({v.name: statistics.median(v.mems) for v in variants}))
-        return
 
     med = {v.name: statistics.median(v.times) for v in variants}
+    ratio = {v.name: statistics.median(v.ratios) for v in variants[1:]}  # paired with the floor, per step
     if in_process:
         mem = {v.name: statistics.median(v.mems) for v in variants}
     else:  # glibc's mmap threshold must be set before a process starts: a child reads the peaks
@@ -227,15 +238,15 @@ def main() -> None:
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")
         req, macs = info.get(label, (None, None))
-        arith = macs / rate if macs is not None and not v.name.startswith("peft") else None
-        extra_t, extra_m = med[v.name] - floor_t, mem[v.name] - floor_m
+        arith = macs / rate / floor_t if macs is not None and not v.name.startswith("peft") else None
         peer = f"peft {v.name}"
-        cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{med[v.name] / floor_t:.3f}",
-                 f"{arith / floor_t:.3f}" if arith is not None else "",
-                 f"{(extra_t - arith) / floor_t:+.3f}" if arith is not None else "",
-                 f"{extra_m / 2**20:.1f}", f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
+        cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{ratio[v.name]:.3f}",
+                 f"{arith:.3f}" if arith is not None else "",
+                 f"{ratio[v.name] - 1 - arith:+.3f}" if arith is not None else "",
+                 f"{(mem[v.name] - floor_m) / 2**20:.1f}",
+                 f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
                  and not v.name.endswith("per-token") else "",
-                 f"{med[v.name] / med[peer]:.3f}" if peer in med else "",
+                 f"{ratio[v.name] / ratio[peer]:.3f}" if peer in ratio else "",
                  f"{(mem[v.name]) / mem[peer]:.3f}" if peer in mem else ""]
         print("| " + " | ".join(cells) + " |")
 
