@@ -11,6 +11,9 @@ hits a step and its neighbours alike). Each variant is compared with:
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
   low-rank or dense ΔW), turned into time at the floor's measured FLOP rate;
+- the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
+  its products cannot avoid (bytes at a measured copy bandwidth): low-rank products at r = 8
+  are bound by reading their (N, in) or (N, out) operand, not by their multiply-adds;
 - PEFT's implementation of the same method, where PEFT has it.
 
 Memory: on CUDA the peak allocated, in the same run; on CPU the peak resident set (VmHWM,
@@ -55,31 +58,41 @@ def peft_model(base: nn.Module, method: str, r: int | None):
     return peft.get_peft_model(base, cfg)
 
 
-def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, int]:
-    """(activation bytes the adapter must keep, multiply-adds of its arithmetic) for one step."""
-    seen, act, flops = set(), 0, 0
+def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int, rate: float, bw: float) -> tuple[int, int, float]:
+    """(activation bytes the adapter must keep, multiply-adds of its arithmetic, its roofline
+    seconds) for one step. The roofline takes, layer by layer, the larger of the arithmetic at
+    the GEMM rate and the memory traffic its products cannot avoid at the copy bandwidth: at
+    r = 8 each per-token product reads an (N, in) or (N, out) matrix to make an (N, r) one."""
+    seen, act, flops, roof = set(), 0, 0, 0.0
     hooks = []
 
     def hook(layer, inputs, _out):
-        nonlocal act, flops
+        nonlocal act, flops, roof
         x = inputs[0]
         n = x.numel() // x.shape[-1]
         i, o = layer.in_features, layer.out_features
-        keep_x = False
+        keep_x, traffic, macs = False, 0, 0
         if isinstance(layer, LowRankLinear):
             per_token, dense_flops = layer.flops(n, training=True)
             dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
-            flops += dense_flops if dense else per_token
+            macs = dense_flops if dense else per_token
             trains = {p: t is not None and t.requires_grad for p, t in ((p, layer.part(p)) for p in "ABdb")}
             if dense:  # the fused dense form keeps x alone and rebuilds ΔW in the backward
                 keep_x = True
+                traffic = i * o * (6 + trains["A"])  # W0 read and W written twice, ∂ΔW written, read 1-2 times
             else:
                 keep_x = trains["A"]  # the fused per-token form keeps x for ∂A and a = A x for ∂d, ∂B, ∂b
                 act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"])
+                # a reads x; y += ... reads and writes y; ∂a reads g; ∂x += ... reads and writes ∂x;
+                # ∂A reads x; ∂B̄ reads g
+                traffic = n * (i + 2 * o + o + 2 * i + i * trains["A"] + o * (trains["B"] or trains["b"]))
         elif isinstance(layer, IA3Linear):
-            flops += 3 * n * (i if layer.where == "input" else o)
+            dim = i if layer.where == "input" else o
+            macs, traffic = 3 * n * dim, 4 * n * dim  # scale (read, write), its gradient (read g and x, write)
             keep_x = layer.where == "input"
             act += 0 if keep_x else n * o * elt
+        flops += macs
+        roof += max(macs / rate, traffic * elt / bw)
         if keep_x and x.untyped_storage().data_ptr() not in seen:  # q, k, v read the same x
             seen.add(x.untyped_storage().data_ptr())
             act += x.numel() * elt
@@ -90,7 +103,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
     for h in hooks:
         h.remove()
     state = sum(p.numel() for p in slimtune.trainable_parameters(model).values()) * 4 * 3  # grad + 2 moments, fp32
-    return act + state, flops
+    return act + state, flops, roof
 
 
 def peak_rss() -> int:
@@ -115,20 +128,31 @@ def read_peak(device: str) -> int:
     return peak_rss()
 
 
+def _median_time(fn, device: str, reps: int = 7) -> float:
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
 def gemm_rate(base: nn.Module, n_tok: int, device: str, dtype: torch.dtype) -> float:
     """Multiply-adds per second of one of the model's own matmuls (hidden -> intermediate)."""
     h, f = base.config.hidden_size, base.config.intermediate_size
     x, w = torch.randn(n_tok, h, device=device, dtype=dtype), torch.randn(f, h, device=device, dtype=dtype)
-    times = []
-    for _ in range(7):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return n_tok * h * f / statistics.median(times[2:])
+    return n_tok * h * f / _median_time(lambda: torch.nn.functional.linear(x, w), device)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second read plus written by a 64 MiB copy."""
+    src = torch.randn(2**24, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src), device)
 
 
 class Variant:
@@ -178,6 +202,8 @@ def main() -> None:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
     elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
 
+    rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
+    bw = copy_bandwidth(args.device)
     variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
     specs = [(m, {}) for m in args.methods]
     if args.high_rank:
@@ -185,7 +211,7 @@ def main() -> None:
     for method, kw in specs:
         label = method + (f" r={kw['r']}" if kw else "")
         model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw)).to(args.device)
-        info[label] = required_bytes(model, ids, elt)
+        info[label] = required_bytes(model, ids, elt, rate, bw)
         variants.append(Variant(label, model, args.device))
         if kw:  # the same high rank forced to the per-token form, to show what the choice buys
             forced = copy.deepcopy(model)
@@ -226,23 +252,26 @@ def main() -> None:
                                stdout=subprocess.PIPE, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         mem = json.loads(child.stdout.strip().splitlines()[-1])
     floor_t, floor_m = med["floor"], mem["floor"]
-    rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
     print(f"\n# bench/step.py  {args.model}  {args.device} {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
           f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
           f"  {time.strftime('%Y-%m-%d')}")
     print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
-          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s\n")
-    print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | "
-          "peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s, copy {bw / 1e9:.1f} GB/s\n")
+    print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | roofline / floor | "
+          "beyond roofline | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")
-        req, macs = info.get(label, (None, None))
-        arith = macs / rate / floor_t if macs is not None and not v.name.startswith("peft") else None
+        req, macs, roof = info.get(label, (None, None, None))
+        ours = macs is not None and not v.name.startswith("peft")
+        arith = macs / rate / floor_t if ours else None
+        roof = roof / floor_t if ours else None
         peer = f"peft {v.name}"
         cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{ratio[v.name]:.3f}",
                  f"{arith:.3f}" if arith is not None else "",
                  f"{ratio[v.name] - 1 - arith:+.3f}" if arith is not None else "",
+                 f"{roof:.3f}" if roof is not None else "",
+                 f"{ratio[v.name] - 1 - roof:+.3f}" if roof is not None else "",
                  f"{(mem[v.name] - floor_m) / 2**20:.1f}",
                  f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
                  and not v.name.endswith("per-token") else "",
