@@ -76,7 +76,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int, rate: float, b
             per_token, dense_flops = layer.flops(n, training=True)
             dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
             macs = dense_flops if dense else per_token
-            trains = {p: t is not None and t.requires_grad for p, t in ((p, layer.part(p)) for p in "ABdb")}
+            trains = layer.trained()
             if dense:  # the fused dense form keeps x alone and rebuilds ΔW in the backward
                 keep_x = True
                 traffic = i * o * (6 + trains["A"])  # W0 read and W written twice, ∂ΔW written, read 1-2 times
@@ -202,8 +202,9 @@ def main() -> None:
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
     elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
 
-    rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
-    bw = copy_bandwidth(args.device)
+    if not args.memory_child:  # the child reads peaks only
+        rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
+        bw = copy_bandwidth(args.device)
     variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
     specs = [(m, {}) for m in args.methods]
     if args.high_rank:
@@ -211,7 +212,8 @@ def main() -> None:
     for method, kw in specs:
         label = method + (f" r={kw['r']}" if kw else "")
         model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw)).to(args.device)
-        info[label] = required_bytes(model, ids, elt, rate, bw)
+        if not args.memory_child:
+            info[label] = required_bytes(model, ids, elt, rate, bw)
         variants.append(Variant(label, model, args.device))
         if kw:  # the same high rank forced to the per-token form, to show what the choice buys
             forced = copy.deepcopy(model)

@@ -26,9 +26,14 @@ import torch
 import torch.nn.functional as F
 
 
-def _scaled(A, B, d, b):
+def diag_rows(v: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
+    """Λ_v M: M's rows scaled by v; M itself when v is absent."""
+    return M if v is None else v[:, None] * M
+
+
+def scaled_factors(A, B, d, b):
     """(Ā, B̄) = (Λ_d A, Λ_b B)."""
-    return (A if d is None else d[:, None] * A), (B if b is None else b[:, None] * B)
+    return diag_rows(d, A), diag_rows(b, B)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -42,7 +47,7 @@ class PerTokenLowRank(torch.autograd.Function):
         x2 = _rows(x)  # (N, in)
         xa2 = x2 if xa is None else _rows(xa)  # (N, in)
         a = (A @ xa2.T).T  # (N, r); this operand order is the faster one for CPU BLAS
-        Bb = B if b is None else b[:, None] * B  # (out, r)
+        Bb = diag_rows(b, B)  # (out, r)
         y = F.linear(x2, W0, bias).addmm_(a if d is None else a * d, Bb.T, alpha=s)  # (N, out)
         ctx.save_for_backward(x2 if need[2] else None, xa2 if need[4] else None,
                               a if any(need[5:8]) else None, W0, A, B, d, b)
@@ -55,7 +60,7 @@ class PerTokenLowRank(torch.autograd.Function):
         s, need = ctx.s, ctx.needs_input_grad
         g2 = _rows(g)  # (N, out)
         gx = gxa = gW0 = gbias = gA = gB = gd = gb = None
-        Bb = B if b is None else b[:, None] * B  # (out, r)
+        Bb = diag_rows(b, B)  # (out, r)
         if (need[0] and ctx.xa_is_x) or need[1] or need[4] or need[6]:
             ga = (Bb.T @ g2.T).T * s  # ∂(a ⊙ d) (N, r)
             if need[6]:
@@ -74,7 +79,7 @@ class PerTokenLowRank(torch.autograd.Function):
             ad = a if d is None else a * d  # (N, r)
             gBb = (ad.T @ g2).T * s  # ∂B̄ (out, r)
             if need[5]:
-                gB = gBb if b is None else b[:, None] * gBb
+                gB = diag_rows(b, gBb)
             if need[7]:
                 gb = (gBb * B).sum(1)  # (out,)
         if need[2]:
@@ -87,7 +92,7 @@ class PerTokenLowRank(torch.autograd.Function):
 class DenseLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W0, bias, A, B, d, b, s: float):
-        Ad, Bb = _scaled(A, B, d, b)
+        Ad, Bb = scaled_factors(A, B, d, b)
         W = torch.addmm(W0, Bb, Ad, alpha=s)  # (out, in) = W0 + s·ΔW, freed after the forward
         ctx.save_for_backward(x, W0, A, B, d, b)
         ctx.s = s
@@ -97,7 +102,7 @@ class DenseLowRank(torch.autograd.Function):
     def backward(ctx, g):
         x, W0, A, B, d, b = ctx.saved_tensors
         s, need = ctx.s, ctx.needs_input_grad  # x, W0, bias, A, B, d, b, s
-        Ad, Bb = _scaled(A, B, d, b)
+        Ad, Bb = scaled_factors(A, B, d, b)
         g2 = _rows(g)  # (N, out)
         gx = gW0 = gbias = gA = gB = gd = gb = None
         if need[0]:
@@ -114,7 +119,7 @@ class DenseLowRank(torch.autograd.Function):
                 GAt = (G @ A.T) * s  # (out, r)
                 gBb = GAt if d is None else GAt * d  # ∂B̄ (out, r)
                 if need[4]:
-                    gB = gBb if b is None else b[:, None] * gBb
+                    gB = diag_rows(b, gBb)
                 if need[6]:
                     gb = (gBb * B).sum(1)  # (out,)
                 if need[5]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..targets import weight_oi
 from .base import AdapterLayer, SharedTensors
-from .fused import DenseLowRank, PerTokenLowRank
+from .fused import DenseLowRank, PerTokenLowRank, diag_rows, scaled_factors
 
 
 class LowRankLinear(AdapterLayer):
@@ -67,18 +67,14 @@ class LowRankLinear(AdapterLayer):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = Λ_b B Λ_d A, (out, in)."""
-        A, B, d, b = (self.part(n) for n in "ABdb")
-        if d is not None:
-            A = d[:, None] * A  # (r, in)
-        if b is not None:
-            B = b[:, None] * B  # (out, r)
-        return B @ A  # (out, in)
+        Ad, Bb = scaled_factors(*(self.part(n) for n in "ABdb"))  # (r, in), (out, r)
+        return Bb @ Ad  # (out, in)
 
     def flops(self, n_tokens: int, training: bool) -> tuple[int, int]:
         """Multiply-adds of the (per-token, dense) forms for n_tokens rows, as the functions in
         fused.py compute them (the gradient into x assumed wanted); used to pick one."""
         i, o, r, n = self.in_features, self.out_features, self.r, n_tokens
-        trains = {p: t is not None and t.requires_grad for p, t in zip("ABdb", (self.part(p) for p in "ABdb"))}
+        trains = self.trained()
         if not training:
             return n * r * (i + o), r * i * o
         # per token: a, the up-projection, ∂(a ⊙ d) = g B̄, ∂x += ∂a A; then ∂A and ∂B̄ if they train
@@ -96,9 +92,12 @@ class LowRankLinear(AdapterLayer):
     def dropping(self) -> bool:
         return not isinstance(self.drop, nn.Identity) and self.drop.training
 
+    def trained(self) -> dict[str, bool]:
+        """Which of A, B, d, b take a gradient (present and requiring grad)."""
+        return {n: t is not None and t.requires_grad for n, t in ((n, self.part(n)) for n in "ABdb")}
+
     def use_dense(self, x: torch.Tensor) -> bool:
-        parts = [p for p in (self.part(n) for n in "ABdb") if p is not None]
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in parts)
+        training = torch.is_grad_enabled() and any(self.trained().values())
         if (training and self.dropping()) or not self.fusable():
             return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
         per_token, dense = self.flops(x.numel() // x.shape[-1], training)
@@ -112,7 +111,7 @@ class LowRankLinear(AdapterLayer):
             y = self.base(x)  # (B, T, out)
             h = F.linear((x if xa is None else xa).to(A.dtype), A)  # (B, T, r)
             h = h if d is None else h * d  # (B, T, r)
-            Bb = B if b is None else b[:, None] * B  # (out, r): b folded in, no (B, T, out) intermediate
+            Bb = diag_rows(b, B)  # (out, r): b folded in, no (B, T, out) intermediate
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), Bb.T.to(y.dtype),
                               alpha=self.scale)
             return out.view(y.shape)
