@@ -10,11 +10,15 @@ hits a step and its neighbours alike). Each variant is compared with:
 - the floor: the frozen base model, forward and backward with nothing trained (the gradient
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
-  low-rank or dense ΔW), turned into time at the floor's measured FLOP rate;
+  low-rank or dense ΔW), turned into time at the fastest GEMM rate measured on the model's
+  FFN shape over the run (measured after every round);
 - the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
   its products cannot avoid (bytes at a measured copy bandwidth): low-rank products at r = 8
   are bound by reading their (N, in) or (N, out) operand, not by their multiply-adds;
 - PEFT's implementation of the same method, where PEFT has it.
+
+Steps run as `slimtune train` runs them: fused AdamW where it applies, and on CPU with freed
+memory kept in the process (slimtune.alloc; `--return-freed-memory` times glibc's default).
 
 Memory: on CUDA the peak allocated, in the same run; on CPU the peak resident set (VmHWM,
 reset before each step through /proc/self/clear_refs), in a second process where glibc is
@@ -44,8 +48,10 @@ from torch import nn
 
 import slimtune
 from slimtune.adapters.ia3 import IA3Linear
+from slimtune.alloc import keep_freed_memory
 from slimtune.adapters.lowrank import LowRankLinear
 from slimtune.ops import adapter_layers
+from slimtune.train import fusable_adamw
 
 
 def peft_model(base: nn.Module, method: str, r: int | None):
@@ -58,16 +64,17 @@ def peft_model(base: nn.Module, method: str, r: int | None):
     return peft.get_peft_model(base, cfg)
 
 
-def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int, rate: float, bw: float) -> tuple[int, int, float]:
-    """(activation bytes the adapter must keep, multiply-adds of its arithmetic, its roofline
-    seconds) for one step. The roofline takes, layer by layer, the larger of the arithmetic at
-    the GEMM rate and the memory traffic its products cannot avoid at the copy bandwidth: at
+def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """(activation bytes the adapter must keep, multiply-adds of its arithmetic, per layer its
+    multiply-adds and the bytes its products must move) for one step. The roofline (`roofline`)
+    takes, layer by layer, the larger of the arithmetic at the GEMM rate and that traffic at the
+    copy bandwidth: at
     r = 8 each per-token product reads an (N, in) or (N, out) matrix to make an (N, r) one."""
-    seen, act, flops, roof = set(), 0, 0, 0.0
+    seen, act, flops, layers = set(), 0, 0, []
     hooks = []
 
     def hook(layer, inputs, _out):
-        nonlocal act, flops, roof
+        nonlocal act, flops
         x = inputs[0]
         n = x.numel() // x.shape[-1]
         i, o = layer.in_features, layer.out_features
@@ -92,7 +99,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int, rate: float, b
             keep_x = layer.where == "input"
             act += 0 if keep_x else n * o * elt
         flops += macs
-        roof += max(macs / rate, traffic * elt / bw)
+        layers.append((macs, traffic * elt))
         if keep_x and x.untyped_storage().data_ptr() not in seen:  # q, k, v read the same x
             seen.add(x.untyped_storage().data_ptr())
             act += x.numel() * elt
@@ -103,7 +110,12 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int, rate: float, b
     for h in hooks:
         h.remove()
     state = sum(p.numel() for p in slimtune.trainable_parameters(model).values()) * 4 * 3  # grad + 2 moments, fp32
-    return act + state, flops, roof
+    return act + state, flops, layers
+
+
+def roofline(layers: list[tuple[int, int]], rate: float, bw: float) -> float:
+    """Seconds: per layer the larger of its multiply-adds at `rate` and its bytes at `bw`."""
+    return sum(max(macs / rate, traffic / bw) for macs, traffic in layers)
 
 
 def peak_rss() -> int:
@@ -159,7 +171,8 @@ class Variant:
     def __init__(self, name: str, model: nn.Module, device: str, lr: float = 1e-4):
         self.name, self.model = name, model.to(device)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr) if self.params else None
+        # the trainer's optimiser (fused AdamW where it applies), for PEFT's peers too
+        self.opt = torch.optim.AdamW(self.params, lr=lr, fused=fusable_adamw(self.params)) if self.params else None
         emb = model.get_input_embeddings()
         # Under the floor nothing trains: make the embeddings' output require grad so the
         # backward runs through the whole network, as every adapter's backward does.
@@ -194,6 +207,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
     ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="time under glibc's default malloc (the trainer keeps freed memory: slimtune.alloc)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
@@ -203,8 +218,11 @@ def main() -> None:
     elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
 
     if not args.memory_child:  # the child reads peaks only
-        rate = gemm_rate(base, args.batch * args.seq, args.device, dtype)
-        bw = copy_bandwidth(args.device)
+        if args.device == "cpu" and not args.return_freed_memory:
+            keep_freed_memory()  # as `slimtune train` does on CPU: floor, ours and PEFT's alike
+        # The machine's speed drifts: both are measured again after every round, and the fastest
+        # is used, so the arithmetic is never overstated (the strict reading of the overhead).
+        rates, bws = [gemm_rate(base, args.batch * args.seq, args.device, dtype)], [copy_bandwidth(args.device)]
     variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
     specs = [(m, {}) for m in args.methods]
     if args.high_rank:
@@ -213,12 +231,12 @@ def main() -> None:
         label = method + (f" r={kw['r']}" if kw else "")
         model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw)).to(args.device)
         if not args.memory_child:
-            info[label] = required_bytes(model, ids, elt, rate, bw)
+            info[label] = required_bytes(model, ids, elt)
         variants.append(Variant(label, model, args.device))
         if kw:  # the same high rank forced to the per-token form, to show what the choice buys
             forced = copy.deepcopy(model)
             for _, layer in adapter_layers(forced):
-                layer.use_dense = lambda x: False
+                layer.use_dense = lambda x, parts=None: False
             variants.append(Variant(label + " per-token", forced, args.device))
         if not args.no_peft and method in ("lora", "vera", "ia3"):
             variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),
@@ -242,7 +260,10 @@ def main() -> None:
             for v in variants:
                 v.times.clear()
                 v.mems.clear()
+        rates.append(gemm_rate(base, args.batch * args.seq, args.device, dtype))
+        bws.append(copy_bandwidth(args.device))
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+    rate, bw = max(rates), max(bws)
 
     med = {v.name: statistics.median(v.times) for v in variants}
     ratio = {v.name: statistics.median(v.ratios) for v in variants[1:]}  # paired with the floor, per step
@@ -258,16 +279,18 @@ def main() -> None:
           f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
           f"  {time.strftime('%Y-%m-%d')}")
     print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
-          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s, copy {bw / 1e9:.1f} GB/s\n")
+          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s (the fastest of {len(rates)} "
+          f"measurements; median {statistics.median(rates) / 1e9:.1f}), copy {bw / 1e9:.1f} GB/s; "
+          f"freed memory {'returned (glibc default)' if args.return_freed_memory else 'kept'}\n")
     print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | roofline / floor | "
           "beyond roofline | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")
-        req, macs, roof = info.get(label, (None, None, None))
+        req, macs, layers = info.get(label, (None, None, None))
         ours = macs is not None and not v.name.startswith("peft")
         arith = macs / rate / floor_t if ours else None
-        roof = roof / floor_t if ours else None
+        roof = roofline(layers, rate, bw) / floor_t if ours else None
         peer = f"peft {v.name}"
         cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{ratio[v.name]:.3f}",
                  f"{arith:.3f}" if arith is not None else "",

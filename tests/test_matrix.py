@@ -44,6 +44,14 @@ def test_disabled_equals_base(arch, method):
     assert (logits(model, x) - logits(base, x)).abs().max() > 1e-3  # re-enabled on exit
 
 
+def test_adapted_model_moves_with_to(arch, method):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    before = logits(model, x)
+    model.to(torch.float64)  # adapter layers, shared tensors and base weights all follow
+    torch.testing.assert_close(logits(model, x).float(), before, atol=1e-4, rtol=1e-4)
+
+
 @torch.no_grad()
 def test_merged_equals_unmerged(arch, method):
     base, model = adapted(arch, method)
@@ -128,7 +136,7 @@ def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
     params = slimtune.trainable_parameters(model)
     results = []
     for dense, fusable in ((False, False), (False, True), (True, True)):
-        monkeypatch.setattr(LowRankLinear, "use_dense", lambda self, x, d=dense: d)
+        monkeypatch.setattr(LowRankLinear, "use_dense", lambda self, x, parts=None, d=dense: d)
         monkeypatch.setattr(LowRankLinear, "fusable", lambda self, f=fusable: f)
         for p in params.values():
             p.grad = None

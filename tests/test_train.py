@@ -153,6 +153,20 @@ def test_vectors_get_their_own_learning_rate(tiny_dir, tmp_path):
     assert sorted(g["lr"] for g in run.opt.param_groups) == [0.25, 0.5]
 
 
+def test_fused_adamw_takes_the_same_steps_as_foreach(tiny_dir, tmp_path):
+    cfg = cfg_for(tiny_dir, tmp_path, method="tied-lora", weight_decay=0.1)  # both groups, with decay
+    fused, ref = setup(cfg), setup(cfg)
+    assert all(g["fused"] for g in fused.opt.param_groups)
+    ref.opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "fused"}, "foreach": True}
+                                 for g in ref.opt.param_groups])
+    for step in range(3):
+        train_step(fused, step)
+        train_step(ref, step)
+    assert any((p - p0).abs().max() > 1e-3 for p, p0 in zip(ref.params, setup(cfg).params))  # it trained
+    for p, q in zip(fused.params, ref.params):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode,cls,dtype", [("nf4", "Linear4bit", torch.uint8), ("int8", "Linear8bitLt", torch.int8)])
 def test_quantised_base_trains_on_cpu(tiny_dir, tmp_path, mode, cls, dtype):
     pytest.importorskip("bitsandbytes")

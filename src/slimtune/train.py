@@ -27,6 +27,7 @@ from .config import TrainConfig, from_dict
 from .errors import Problems
 from .evaluate import CausalLMLoss
 from .ops import set_trainable
+from .alloc import keep_freed_memory
 from .parallel import init_distributed, wrap
 from .quantize import MODES as QUANT_MODES
 
@@ -105,7 +106,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
               if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8), params
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=fusable_adamw(params)), params
+
+
+def fusable_adamw(params: list) -> bool:
+    """Whether AdamW's fused kernel (one pass per step instead of a chain of foreach ops, ~3x
+    faster on the adapters' many small tensors) serves these parameters: plain float tensors on
+    CPU or CUDA. FSDP2's sharded DTensors keep the foreach path."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        DTensor = ()
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                                and not isinstance(p.data, DTensor) for p in params)
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -129,6 +142,8 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"
                                         and torch.cuda.is_bf16_supported())
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu" and cfg.keep_freed_memory:
+        keep_freed_memory()
     if model is None:
         model = slimtune.load_model(cfg.model, dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
         tokenizer = tokenizer or slimtune.load_tokenizer(cfg.model)

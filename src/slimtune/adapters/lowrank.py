@@ -70,11 +70,11 @@ class LowRankLinear(AdapterLayer):
         Ad, Bb = scaled_factors(*(self.part(n) for n in "ABdb"))  # (r, in), (out, r)
         return Bb @ Ad  # (out, in)
 
-    def flops(self, n_tokens: int, training: bool) -> tuple[int, int]:
+    def flops(self, n_tokens: int, training: bool, trains: dict[str, bool] | None = None) -> tuple[int, int]:
         """Multiply-adds of the (per-token, dense) forms for n_tokens rows, as the functions in
         fused.py compute them (the gradient into x assumed wanted); used to pick one."""
         i, o, r, n = self.in_features, self.out_features, self.r, n_tokens
-        trains = self.trained()
+        trains = trains or self.trained()
         if not training:
             return n * r * (i + o), r * i * o
         # per token: a, the up-projection, ∂(a ⊙ d) = g B̄, ∂x += ∂a A; then ∂A and ∂B̄ if they train
@@ -92,19 +92,21 @@ class LowRankLinear(AdapterLayer):
     def dropping(self) -> bool:
         return not isinstance(self.drop, nn.Identity) and self.drop.training
 
-    def trained(self) -> dict[str, bool]:
+    def trained(self, parts: list | None = None) -> dict[str, bool]:
         """Which of A, B, d, b take a gradient (present and requiring grad)."""
-        return {n: t is not None and t.requires_grad for n, t in ((n, self.part(n)) for n in "ABdb")}
+        parts = parts or [self.part(n) for n in "ABdb"]
+        return {n: t is not None and t.requires_grad for n, t in zip("ABdb", parts)}
 
-    def use_dense(self, x: torch.Tensor) -> bool:
-        training = torch.is_grad_enabled() and any(self.trained().values())
+    def use_dense(self, x: torch.Tensor, parts: list | None = None) -> bool:
+        trains = self.trained(parts)
+        training = torch.is_grad_enabled() and any(trains.values())
         if (training and self.dropping()) or not self.fusable():
             return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
-        per_token, dense = self.flops(x.numel() // x.shape[-1], training)
+        per_token, dense = self.flops(x.numel() // x.shape[-1], training, trains)
         return dense < per_token
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [self.part(n) for n in "ABdb"]
+        parts = [self.part(n) for n in "ABdb"]  # resolved once per call: ~1 µs each
         xa = self.drop(x) if self.dropping() else None  # None: the adapter reads x itself
         if not self.fusable():  # quantised base: plain autograd through the same formula
             A, B, d, b = parts
@@ -115,14 +117,22 @@ class LowRankLinear(AdapterLayer):
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), Bb.T.to(y.dtype),
                               alpha=self.scale)
             return out.view(y.shape)
-        dense = self.use_dense(x)
+        dense = self.use_dense(x, parts=parts)
         dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        cast = [None if t is None else t.to(dtype) for t in (x, xa, weight_oi(self.base), self.base.bias, *parts)]
-        with torch.autocast(dev, enabled=False):  # the functions compute in one dtype, cast here as autocast would
-            if dense:
-                return DenseLowRank.apply(cast[0], *cast[2:], self.scale)
-            return PerTokenLowRank.apply(*cast, self.scale)
+        args = [x, xa, weight_oi(self.base), self.base.bias, *parts]
+        autocast = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        if any(t is not None and t.dtype != dtype for t in args):  # the functions compute in one dtype
+            args = [None if t is None else t.to(dtype) for t in args]  # cast here as autocast would
+        if autocast:
+            with torch.autocast(dev, enabled=False):
+                return self._forms(dense, args)
+        return self._forms(dense, args)
+
+    def _forms(self, dense: bool, args: list) -> torch.Tensor:
+        if dense:
+            return DenseLowRank.apply(args[0], *args[2:], self.scale)
+        return PerTokenLowRank.apply(*args, self.scale)
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias
