@@ -10,8 +10,9 @@ hits a step and its neighbours alike). Each variant is compared with:
 - the floor: the frozen base model, forward and backward with nothing trained (the gradient
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
-  low-rank or dense ΔW), turned into time at the fastest GEMM rate measured on the model's
-  FFN shape over the run (measured after every round);
+  low-rank or dense ΔW), turned into time at the GEMM rate measured on the model's FFN shape
+  after each round and divided by that round's floor step (median over the rounds: rate and
+  floor drift together with the machine's speed);
 - the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
   its products cannot avoid (bytes at a measured copy bandwidth): low-rank products at r = 8
   are bound by reading their (N, in) or (N, out) operand, not by their multiply-adds;
@@ -220,9 +221,8 @@ def main() -> None:
     if not args.memory_child:  # the child reads peaks only
         if args.device == "cpu" and not args.return_freed_memory:
             keep_freed_memory()  # as `slimtune train` does on CPU: floor, ours and PEFT's alike
-        # The machine's speed drifts: both are measured again after every round, and the fastest
-        # is used, so the arithmetic is never overstated (the strict reading of the overhead).
-        rates, bws = [gemm_rate(base, args.batch * args.seq, args.device, dtype)], [copy_bandwidth(args.device)]
+        # The machine's speed drifts by 15 % and more within a run: the GEMM rate and the copy
+        # bandwidth are measured after every round and paired with that round's floor steps (rounds).
     variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
     specs = [(m, {}) for m in args.methods]
     if args.high_rank:
@@ -248,8 +248,9 @@ def main() -> None:
                 v.step(ids, args.device, dtype, memory=True)
         print(json.dumps({v.name: v.mems[-1] for v in variants}))
         return
-    floor = variants[0]
+    floor, rounds = variants[0], []  # rounds: (GEMM rate, copy bandwidth, mean floor step) of each round
     for rnd in range(args.reps + 1):
+        first = len(floor.times)
         floor.step(ids, args.device, dtype, memory=in_process)
         for v in variants[1:]:  # the floor between every two variants: each is timed against its neighbours
             v.step(ids, args.device, dtype, memory=in_process)
@@ -260,10 +261,15 @@ def main() -> None:
             for v in variants:
                 v.times.clear()
                 v.mems.clear()
-        rates.append(gemm_rate(base, args.batch * args.seq, args.device, dtype))
-        bws.append(copy_bandwidth(args.device))
+        if rnd > 0:
+            rounds.append((gemm_rate(base, args.batch * args.seq, args.device, dtype), copy_bandwidth(args.device),
+                           statistics.mean(floor.times[first:])))
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
-    rate, bw = max(rates), max(bws)
+    rates = [r for r, _, _ in rounds]
+
+    def share(seconds) -> float:
+        """Median over the rounds of seconds(rate, bw) over that round's floor step."""
+        return statistics.median(seconds(rate, bw) / fl for rate, bw, fl in rounds)
 
     med = {v.name: statistics.median(v.times) for v in variants}
     ratio = {v.name: statistics.median(v.ratios) for v in variants[1:]}  # paired with the floor, per step
@@ -279,8 +285,9 @@ def main() -> None:
           f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
           f"  {time.strftime('%Y-%m-%d')}")
     print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
-          f"GEMM rate on the model's FFN shape {rate / 1e9:.1f} G multiply-adds/s (the fastest of {len(rates)} "
-          f"measurements; median {statistics.median(rates) / 1e9:.1f}), copy {bw / 1e9:.1f} GB/s; "
+          f"GEMM rate on the model's FFN shape {statistics.median(rates) / 1e9:.1f} G multiply-adds/s (median; "
+          f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f} over the rounds), copy "
+          f"{statistics.median(b for _, b, _ in rounds) / 1e9:.1f} GB/s; "
           f"freed memory {'returned (glibc default)' if args.return_freed_memory else 'kept'}\n")
     print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | roofline / floor | "
           "beyond roofline | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
@@ -289,8 +296,8 @@ def main() -> None:
         label = v.name.removesuffix(" per-token")
         req, macs, layers = info.get(label, (None, None, None))
         ours = macs is not None and not v.name.startswith("peft")
-        arith = macs / rate / floor_t if ours else None
-        roof = roofline(layers, rate, bw) / floor_t if ours else None
+        arith = share(lambda rate, bw: macs / rate) if ours else None
+        roof = share(lambda rate, bw: roofline(layers, rate, bw)) if ours else None
         peer = f"peft {v.name}"
         cells = [v.name, f"{med[v.name] * 1e3:.0f}", f"{ratio[v.name]:.3f}",
                  f"{arith:.3f}" if arith is not None else "",
