@@ -12,7 +12,7 @@ from conftest import batch, clone, logits, perturb, tiny, tiny_preset
 
 import slimtune
 from slimtune.adapters.lowrank import LowRankLinear
-from slimtune.ops import adapter_layers
+from slimtune.ops import adapter_layers, adapter_modules
 
 
 def adapted(arch, method, identity: bool = False):
@@ -79,6 +79,22 @@ def test_merged_state_dict_is_pure_and_loads_into_base(arch, method):
     plain = clone(base)
     plain.load_state_dict(sd)
     torch.testing.assert_close(logits(plain, x), expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_merge_and_unload_leaves_the_plain_base_with_the_merged_weights(arch, method):
+    base, model = adapted(arch, method)
+    x = batch(base)
+    expected, merged = logits(model, x), slimtune.merged_state_dict(model)
+    plain = slimtune.merge_and_unload(model)
+    assert not list(adapter_modules(plain)) and slimtune.get_config(plain) is None
+    assert {k: type(m) for k, m in plain.named_modules()} == {k: type(m) for k, m in base.named_modules()}
+    state = plain.state_dict()
+    assert set(state) == set(merged)
+    for key, tensor in state.items():
+        torch.testing.assert_close(tensor, merged[key], atol=0, rtol=0, msg=key)
+    torch.testing.assert_close(logits(plain, x), expected, atol=1e-5, rtol=0)
+    slimtune.add_adapter(plain, tiny_preset(method))  # a plain model again: it takes a new adapter
 
 
 def test_save_load_round_trip_bit_exact(arch, method, tmp_path):

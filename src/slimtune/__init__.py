@@ -17,6 +17,7 @@ from .ops import (  # noqa: E402
     count_parameters,
     disable_adapters,
     merge_adapters,
+    merge_and_unload,
     merged_state_dict,
     set_trainable,
     trainable_parameters,
@@ -29,7 +30,7 @@ from .evaljob import run_eval  # noqa: E402
 __all__ = [
     "IA3Config", "LowRankConfig", "Part", "config_from_dict", "add_adapter", "get_config", "load_adapter",
     "save_adapter", "DEFAULT_MODEL", "build_on_meta", "load_model", "load_tokenizer", "count_parameters",
-    "disable_adapters", "merge_adapters", "merged_state_dict", "set_trainable", "trainable_parameters",
-    "unmerge_adapters", "PRESETS", "preset", "SlimtuneError", "TrainConfig", "EvalConfig", "run_training",
+    "disable_adapters", "merge_adapters", "merge_and_unload", "merged_state_dict", "set_trainable",
+    "trainable_parameters", "unmerge_adapters", "PRESETS", "preset", "SlimtuneError", "TrainConfig", "EvalConfig", "run_training",
     "run_eval",
 ]

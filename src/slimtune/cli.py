@@ -128,9 +128,7 @@ def cmd_merge(args) -> int:
     import slimtune
 
     model = slimtune.load_adapter(slimtune.load_model(args.model), args.adapter)
-    base = slimtune.load_model(args.model)
-    base.load_state_dict(slimtune.merged_state_dict(model))
-    base.save_pretrained(args.out)
+    slimtune.merge_and_unload(model).save_pretrained(args.out)  # the base is loaded once
     try:
         slimtune.load_tokenizer(args.model).save_pretrained(args.out)
     except (OSError, ValueError):

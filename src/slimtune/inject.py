@@ -47,7 +47,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if hasattr(model, SHARED_ATTR):
         p = Problems("cannot add an adapter")
         p.add(f"model with adapter {get_config(model).preset!r}", "this model already carries an adapter",
-              "load a fresh base model, or merge this adapter first (merge_adapters + strip_adapters)")
+              "load a fresh base model, or fold this adapter in first: slimtune.merge_and_unload(model)")
         p.raise_if_any()
     for param in model.parameters():
         param.requires_grad_(False)

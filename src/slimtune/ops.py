@@ -140,6 +140,23 @@ def unmerge_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer, then remove the adapter, in place (PEFT's name).
+
+    What is left is the plain base model with the merged weights, under the base's own
+    parameter names: `save_pretrained` writes it as any transformers model, and
+    `add_adapter` accepts it again. Refused, with nothing changed, where merging is.
+    """
+    from .inject import SHARED_ATTR, _replace  # inject builds on the adapters, as ops does
+
+    merge_adapters(model)
+    for name, layer in list(adapter_layers(model)):
+        _replace(model, name, layer.base)
+    if hasattr(model, SHARED_ATTR):
+        delattr(model, SHARED_ATTR)
+    return model
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict, under its original names, with every adapter folded in.
