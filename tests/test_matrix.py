@@ -214,11 +214,15 @@ def test_dense_function_gradients(with_vectors):
 @pytest.mark.parametrize("trained", ["ABdb", "db", "B", "Ad"])
 @pytest.mark.parametrize("with_vectors", [True, False])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_per_token_function_gradients(with_vectors, trained, dropout):
+@pytest.mark.parametrize("skinny", [True, False])
+def test_per_token_function_gradients(with_vectors, trained, dropout, skinny, monkeypatch):
     """The fused per-token form against numerical gradients, for every subset of trained parts,
-    with the adapter reading x itself or a separate (dropped-out) input."""
+    with the adapter reading x itself or a separate (dropped-out) input, in both operand
+    orders (the one for skinny ranks and the one for the others)."""
+    from slimtune.adapters import fused
     from slimtune.adapters.fused import PerTokenLowRank
 
+    monkeypatch.setattr(fused, "SKINNY_R", 100 if skinny else 1)  # r = 3 below or above it
     x, W0, bias, A, B, d, b = _fn_inputs(with_vectors, trained)
     xa = (x.detach() * 1.5).requires_grad_() if dropout else None
     assert torch.autograd.gradcheck(PerTokenLowRank.apply, (x, xa, W0, bias, A, B, d, b, 0.7))
