@@ -6,12 +6,16 @@ step allocates the same tensors again and the kernel faults every page back in, 
 On SmolLM2-135M (batch 4 x 256, fp32) a frozen-base step takes ~197,000 such faults and a LoRA
 step ~34,000 more, for the activations it keeps (docs/benchmarks.md).
 
-`keep_freed_memory()` fixes the mmap threshold at glibc's largest (32 MiB) and lifts the trim
-threshold to 2 GiB, so blocks up to 32 MiB stay in the heap and are reused by the next step. The
-resident set stays at the step's peak, which training reaches every step anyway. Blocks above
-32 MiB (the logits of a big batch) are still mapped per use. It is what PyTorch's CPU tuning
-guide gets from swapping in jemalloc or tcmalloc, without a preload. `slimtune train` calls it
-for CPU runs (TrainConfig.keep_freed_memory); it is process-wide and cannot be undone.
+`keep_freed_memory()` makes the main heap serve every block (mmap off: M_MMAP_MAX = 0, the
+threshold at its largest, 32 MiB, for glibc's other arenas) and lifts the trim threshold to
+2 GiB, so freed blocks stay in the heap and are reused by the next step. Blocks above 32 MiB
+matter most: the loss's (N, vocab) logits, log-softmax and its zero-filled gradient, 201 MB
+each at batch 4 x 256 on a 49k vocabulary, faulted back in every step under any threshold
+(~197,000 faults, a fifth of a frozen step's time). The resident set stays at the step's peak,
+which training reaches every step anyway. It is what PyTorch's CPU tuning guide gets from
+swapping in jemalloc or tcmalloc, without a preload. glibc's threads' arenas still map a block
+their heaps cannot hold, so nothing fails for want of mmap. `slimtune train` calls it for CPU
+runs (TrainConfig.keep_freed_memory); it is process-wide and cannot be undone.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import ctypes
 import ctypes.util
 import sys
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc <malloc.h>
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: larger values are refused
 TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: trim only past 2 GiB of free heap top
 
 
 def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed blocks up to 32 MiB for reuse; True if it took effect
+    """Tell glibc's malloc to keep freed blocks, of any size, for reuse; True if it took effect
     (False on other C libraries and platforms, where nothing changes)."""
     if not sys.platform.startswith("linux"):
         return False
@@ -36,4 +40,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and others have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all(mallopt(k, v) for k, v in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                                          (M_MMAP_MAX, 0)))

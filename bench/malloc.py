@@ -1,0 +1,95 @@
+"""What keeping freed memory in the process (slimtune.alloc) buys a CPU training step.
+
+    python bench/malloc.py                 # floor and LoRA steps on SmolLM2-135M, 3 rounds
+
+glibc's settings cannot be undone inside a process (and a heap that has grown serves later
+blocks whatever the setting), so each arm runs in its own process, arms in alternation over
+the rounds; within a process the frozen floor step and a LoRA step alternate. Arms:
+- `default`: glibc as it comes (dynamic mmap threshold, trim at 128 KiB of free heap top);
+- `threshold`: the mmap threshold fixed at its largest, 32 MiB, trim at 2 GiB (slimtune.alloc
+  before 2026-11-22: blocks above 32 MiB, the loss's logits, still mapped per use);
+- `keep`: slimtune.alloc.keep_freed_memory() as it is (mmap off: every block stays).
+Prints each arm's median step time and page faults, and the ratios to `keep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def child(arm: str, steps: int, model: str) -> None:
+    import ctypes
+
+    import torch
+
+    import slimtune
+    from slimtune import alloc
+
+    if arm == "keep":
+        assert alloc.keep_freed_memory()
+    elif arm == "threshold":
+        libc = ctypes.CDLL("libc.so.6")
+        assert libc.mallopt(alloc.M_MMAP_THRESHOLD, alloc.MMAP_THRESHOLD_MAX)
+        assert libc.mallopt(alloc.M_TRIM_THRESHOLD, alloc.TRIM_THRESHOLD)
+    torch.manual_seed(0)
+    base = slimtune.load_model(model).requires_grad_(False)
+    ids = torch.randint(0, base.config.vocab_size, (4, 256))
+    floor = copy.deepcopy(base)
+    floor.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    lora = slimtune.add_adapter(base, slimtune.preset("lora"))
+    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def step(m, o):
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        m(ids, labels=ids).loss.backward()
+        if o:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    out = {"floor": [], "lora": []}
+    for i in range(steps + 1):  # the first round warms up
+        for name, m, o in (("floor", floor, None), ("lora", lora, opt)):
+            t, f = step(m, o)
+            if i:
+                out[name].append((t, f))
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="steps of each model per process")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.model)
+    arms = ["default", "threshold", "keep"]
+    res = {a: {"floor": [], "lora": []} for a in arms}
+    for _ in range(args.rounds):
+        for arm in arms:
+            cmd = [sys.executable, __file__, "--child", arm, "--steps", str(args.steps), "--model", args.model]
+            run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                res[arm][k] += v
+    med = {a: {k: (statistics.median(t for t, _ in v), statistics.median(f for _, f in v)) for k, v in r.items()}
+           for a, r in res.items()}
+    print(f"# bench/malloc.py  {args.rounds} rounds x {args.steps} steps per arm")
+    print("| arm | floor ms | floor faults | LoRA ms | LoRA faults | floor / keep | LoRA / keep | LoRA / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for a in arms:
+        (ft, ff), (lt, lf) = med[a]["floor"], med[a]["lora"]
+        print(f"| {a} | {ft * 1e3:.0f} | {ff:.0f} | {lt * 1e3:.0f} | {lf:.0f} | {ft / med['keep']['floor'][0]:.3f} "
+              f"| {lt / med['keep']['lora'][0]:.3f} | {lt / ft:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
