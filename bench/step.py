@@ -16,6 +16,10 @@ hits a step and its neighbours alike). Each variant is compared with:
 - the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
   its products cannot avoid (bytes at a measured copy bandwidth): low-rank products at r = 8
   are bound by reading their (N, in) or (N, out) operand, not by their multiply-adds;
+- the adapter layers alone: each adapted layer's forward + backward timed against its base
+  layer's on random inputs of the shape it sees (alternated, after the rounds), summed over the
+  model's layers: what the layers cost with the model around them taken away. What the step
+  takes beyond that is the model-level remainder (caches, the optimiser, autograd's graph);
 - PEFT's implementation of the same method, where PEFT has it.
 
 Steps run as `slimtune train` runs them: fused AdamW where it applies, and on CPU with freed
@@ -112,6 +116,54 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
         h.remove()
     state = sum(p.numel() for p in slimtune.trainable_parameters(model).values()) * 4 * 3  # grad + 2 moments, fp32
     return act + state, flops, layers
+
+
+def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.dtype, reps: int = 30) -> float:
+    """Seconds a step spends in its adapter layers beyond their base layers, each layer timed alone:
+    forward + backward (into x and the trained tensors) of the adapted layer against its base
+    layer's, on random inputs of the shape it sees in the model, alternated; layers of one kind
+    and shape are timed once and counted as often as they occur."""
+    seen: dict[tuple, tuple[nn.Module, torch.Size]] = {}
+    counts: dict[tuple, int] = {}
+
+    def hook(layer, inputs, _out):
+        trains = tuple(layer.trained().items()) if isinstance(layer, LowRankLinear) else ()
+        key = (type(layer).__name__, getattr(layer, "where", ""), tuple(inputs[0].shape), layer.out_features, trains)
+        seen.setdefault(key, (layer, inputs[0].shape))
+        counts[key] = counts.get(key, 0) + 1
+
+    hooks = [layer.register_forward_hook(hook) for _, layer in adapter_layers(model)]
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        model(ids)  # grad enabled: each layer picks its form as it does when training
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for key, (layer, shape) in seen.items():
+        params = [p for p in layer.parameters() if p.requires_grad]
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(*shape[:-1], layer.out_features, device=device, dtype=dtype)
+
+        def run(f) -> float:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+                y = f(x)
+            y.backward(g)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            x.grad = None
+            for p in params:
+                p.grad = None
+            return time.perf_counter() - t0
+
+        extra = []
+        for i in range(reps + 3):  # base, adapted, base: the adapted one against the mean of its neighbours
+            t = [run(f) for f in (layer.base, layer, layer.base)]
+            if i >= 3:
+                extra.append(t[1] - (t[0] + t[2]) / 2)
+        total += counts[key] * statistics.median(extra)
+    return total
 
 
 def roofline(layers: list[tuple[int, int]], rate: float, bw: float) -> float:
@@ -281,6 +333,9 @@ def main() -> None:
                                stdout=subprocess.PIPE, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
         mem = json.loads(child.stdout.strip().splitlines()[-1])
     floor_t, floor_m = med["floor"], mem["floor"]
+    print("adapter layers alone", file=sys.stderr, flush=True)
+    alone = {v.name: layers_alone(v.model, ids, args.device, dtype) / floor_t for v in variants[1:]
+             if not v.name.startswith("peft") and not v.name.endswith("per-token")}
     print(f"\n# bench/step.py  {args.model}  {args.device} {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
           f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
           f"  {time.strftime('%Y-%m-%d')}")
@@ -290,8 +345,8 @@ def main() -> None:
           f"{statistics.median(b for _, b, _ in rounds) / 1e9:.1f} GB/s; "
           f"freed memory {'returned (glibc default)' if args.return_freed_memory else 'kept'}\n")
     print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | roofline / floor | "
-          "beyond roofline | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "beyond roofline | layers alone / floor | beyond layers alone | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")
         req, macs, layers = info.get(label, (None, None, None))
@@ -304,6 +359,8 @@ def main() -> None:
                  f"{ratio[v.name] - 1 - arith:+.3f}" if arith is not None else "",
                  f"{roof:.3f}" if roof is not None else "",
                  f"{ratio[v.name] - 1 - roof:+.3f}" if roof is not None else "",
+                 f"{alone[v.name]:.3f}" if v.name in alone else "",
+                 f"{ratio[v.name] - 1 - alone[v.name]:+.3f}" if v.name in alone else "",
                  f"{(mem[v.name] - floor_m) / 2**20:.1f}",
                  f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
                  and not v.name.endswith("per-token") else "",
