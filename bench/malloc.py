@@ -21,7 +21,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 
 def child(arm: str, steps: int, model: str) -> None:
@@ -38,28 +37,20 @@ def child(arm: str, steps: int, model: str) -> None:
         libc = ctypes.CDLL("libc.so.6")
         assert libc.mallopt(alloc.M_MMAP_THRESHOLD, alloc.MMAP_THRESHOLD_MAX)
         assert libc.mallopt(alloc.M_TRIM_THRESHOLD, alloc.TRIM_THRESHOLD)
+    from step import Variant  # bench/step.py: the floor and the adapter's step, defined once
+
     torch.manual_seed(0)
     base = slimtune.load_model(model).requires_grad_(False)
     ids = torch.randint(0, base.config.vocab_size, (4, 256))
-    floor = copy.deepcopy(base)
-    floor.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    lora = slimtune.add_adapter(base, slimtune.preset("lora"))
-    opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4, fused=True)
-
-    def step(m, o):
-        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        m(ids, labels=ids).loss.backward()
-        if o:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-
-    out = {"floor": [], "lora": []}
+    variants = [Variant("floor", copy.deepcopy(base), "cpu"),
+                Variant("lora", slimtune.add_adapter(base, slimtune.preset("lora")), "cpu")]
+    out = {v.name: [] for v in variants}
     for i in range(steps + 1):  # the first round warms up
-        for name, m, o in (("floor", floor, None), ("lora", lora, opt)):
-            t, f = step(m, o)
+        for v in variants:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            v.step(ids, "cpu", torch.float32, memory=False)
             if i:
-                out[name].append((t, f))
+                out[v.name].append((v.times[-1], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0))
     print(json.dumps(out))
 
 
