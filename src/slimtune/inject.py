@@ -15,6 +15,7 @@ from . import targets as T
 from .adapters.base import SharedTensors, init_tensor
 from .adapters.ia3 import IA3Linear
 from .adapters.lowrank import LowRankLinear
+from .adapters.siblings import Siblings
 from .config import AdapterConfig, IA3Config, LowRankConfig
 from .errors import Problems
 from .presets import validate
@@ -63,6 +64,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def _add_lowrank(model: nn.Module, cfg: LowRankConfig, shared: SharedTensors, gen: torch.Generator) -> None:
     names = T.match_targets(model, cfg.targets)
+    shared.siblings = Siblings()  # the layers that read the same input, learned in the forward
     layers = {n: model.get_submodule(n) for n in names}
     # Pass 1: every shared tensor, sized to the largest layer that uses it.
     sizes: dict[str, tuple[str, int, int]] = {}

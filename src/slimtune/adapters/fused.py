@@ -12,6 +12,8 @@ Per token (`PerTokenLowRank`), keeps xa (if A trains) and a = xa Aᵀ (N, r):
     backward  u = g B̄ (N, r)    ∂a = s · u ⊙ d     ∂d = colsum(s · u ⊙ a)
               ∂B̄ = s · gᵀ (a ⊙ d)   ∂B = Λ_b ∂B̄   ∂b = rowsum(∂B̄ ⊙ B)
               ∂A = ∂aᵀ xa            ∂x = g W0 (+ ∂a A in the same buffer when xa is x)
+Given a (computed once for a group of sibling layers by `LowRankDown`), it returns ∂a instead
+of ∂A and ∂a A.
 
 Dense (`DenseLowRank`, no dropout), keeps x alone and rebuilds ΔW in the backward:
     forward   y = x (W0 + s B̄ Ā)ᵀ + bias
@@ -50,11 +52,12 @@ def _mm(P: torch.Tensor, Q: torch.Tensor, flip: bool) -> torch.Tensor:
 
 class PerTokenLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, xa, W0, bias, A, B, d, b, s: float):
-        need = ctx.needs_input_grad  # x, xa, W0, bias, A, B, d, b, s
+    def forward(ctx, x, xa, W0, bias, A, B, d, b, s: float, a=None):
+        need = ctx.needs_input_grad  # x, xa, W0, bias, A, B, d, b, s, a
         x2 = _rows(x)  # (N, in)
         xa2 = x2 if xa is None else _rows(xa)  # (N, in)
-        a = _mm(xa2, A.T, A.shape[0] < SKINNY_R)  # (N, r)
+        ctx.own_a = a is None  # else a = x Aᵀ came from a sibling group's LowRankDown, which owns ∂A
+        a = _mm(xa2, A.T, A.shape[0] < SKINNY_R) if a is None else _rows(a)  # (N, r)
         Bb = diag_rows(b, B)  # (out, r)
         y = F.linear(x2, W0, bias).addmm_(a if d is None else a * d, Bb.T, alpha=s)  # (N, out)
         ctx.save_for_backward(x2 if need[2] else None, xa2 if need[4] else None,
@@ -67,10 +70,12 @@ class PerTokenLowRank(torch.autograd.Function):
         x2, xa2, a, W0, A, B, d, b = ctx.saved_tensors
         s, need = ctx.s, ctx.needs_input_grad
         g2 = _rows(g)  # (N, out)
-        gx = gxa = gW0 = gbias = gA = gB = gd = gb = None
+        gx = gxa = gW0 = gbias = gA = gB = gd = gb = ga = None
         Bb = diag_rows(b, B)  # (out, r)
         skinny = B.shape[1] < SKINNY_R
-        if (need[0] and ctx.xa_is_x) or need[1] or need[4] or need[6]:
+        into_x = need[0] and ctx.xa_is_x and ctx.own_a  # ∂a A joins ∂x
+        need_a = not ctx.own_a and need[9]
+        if into_x or need[1] or need[4] or need[6] or need_a:
             ga = _mm(g2, Bb, skinny) * s  # ∂(a ⊙ d) (N, r)
             if need[6]:
                 gd = (ga * a).sum(0)  # (r,)
@@ -82,7 +87,7 @@ class PerTokenLowRank(torch.autograd.Function):
                 gxa = (ga @ A).view(ctx.shape)  # (..., in)
         if need[0]:
             gx = g2 @ W0  # (N, in)
-            if ctx.xa_is_x:
+            if into_x:
                 gx.addmm_(ga, A)  # xa is x: its gradient joins the base's in the same buffer
         if need[5] or need[7]:
             ad = a if d is None else a * d  # (N, r)
@@ -95,7 +100,24 @@ class PerTokenLowRank(torch.autograd.Function):
             gW0 = g2.T @ x2  # a base weight that trains (not slimtune's default)
         if need[3]:
             gbias = g2.sum(0)
-        return (None if gx is None else gx.view(ctx.shape)), gxa, gW0, gbias, gA, gB, gd, gb, None
+        return (None if gx is None else gx.view(ctx.shape)), gxa, gW0, gbias, gA, gB, gd, gb, None, \
+            (ga if need_a else None)
+
+
+class LowRankDown(torch.autograd.Function):
+    """a = x Aᵀ (N, R) alone, for sibling layers that share it (siblings.py); A may stack theirs."""
+
+    @staticmethod
+    def forward(ctx, x2, A):
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, A)
+        return _mm(x2, A.T, A.shape[0] < SKINNY_R)  # (N, R)
+
+    @staticmethod
+    def backward(ctx, ga):
+        x2, A = ctx.saved_tensors
+        gx = ga @ A if ctx.needs_input_grad[0] else None  # (N, in)
+        gA = _mm(ga.T, x2, A.shape[0] >= SKINNY_R) if ctx.needs_input_grad[1] else None  # (R, in)
+        return gx, gA
 
 
 class DenseLowRank(torch.autograd.Function):

@@ -105,6 +105,12 @@ class LowRankLinear(AdapterLayer):
         per_token, dense = self.flops(x.numel() // x.shape[-1], training, trains)
         return dense < per_token
 
+    def shares_down(self, x: torch.Tensor) -> bool:
+        """This call would compute a = x Aᵀ itself from x (siblings.py): the fused per-token form
+        without dropout."""
+        return self.enabled and not self.merged and self.fusable() and not self.dropping() \
+            and not self.use_dense(x)
+
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         parts = [self.part(n) for n in "ABdb"]  # resolved once per call: ~1 µs each
         xa = self.drop(x) if self.dropping() else None  # None: the adapter reads x itself
@@ -126,13 +132,18 @@ class LowRankLinear(AdapterLayer):
             args = [None if t is None else t.to(dtype) for t in args]  # cast here as autocast would
         if autocast:
             with torch.autocast(dev, enabled=False):
-                return self._forms(dense, args)
-        return self._forms(dense, args)
+                return self._forms(x, dense, args)
+        return self._forms(x, dense, args)
 
-    def _forms(self, dense: bool, args: list) -> torch.Tensor:
+    def _forms(self, x: torch.Tensor, dense: bool, args: list) -> torch.Tensor:
         if dense:
             return DenseLowRank.apply(args[0], *args[2:], self.scale)
-        return PerTokenLowRank.apply(*args, self.scale)
+        a = None
+        if args[1] is None:  # the adapter reads x itself: layers reading the same x share a = x Aᵀ
+            a = self._shared[0].siblings.down(self, x, args[0].reshape(-1, self.in_features))
+        if a is not None:
+            args[4] = None  # A's gradient flows through the group's product
+        return PerTokenLowRank.apply(*args, self.scale, a)
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias
