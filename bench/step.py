@@ -85,7 +85,10 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
         i, o = layer.in_features, layer.out_features
         keep_x, traffic, macs = False, 0, 0
         if isinstance(layer, LowRankLinear):
-            per_token, dense_flops = layer.flops(n, training=True)
+            # Sibling layers (adapters/siblings.py) split their x side: with one A (VeRA) its
+            # arithmetic and a itself, with stacked A's (LoRA) the passes over x.
+            one_a, group = len(layer.same_a()), len(layer._shared[0].siblings.group_of.get(id(layer), (layer,)))
+            per_token, dense_flops = layer.flops(n, training=True, sharing=one_a)
             dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
             macs = dense_flops if dense else per_token
             trains = layer.trained()
@@ -94,10 +97,10 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
                 traffic = i * o * (6 + trains["A"])  # W0 read and W written twice, ∂ΔW written, read 1-2 times
             else:
                 keep_x = trains["A"]  # the fused per-token form keeps x for ∂A and a = A x for ∂d, ∂B, ∂b
-                act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"])
-                # a reads x; y += ... reads and writes y; ∂a reads g; ∂x += ... reads and writes ∂x;
-                # ∂A reads x; ∂B̄ reads g
-                traffic = n * (i + 2 * o + o + 2 * i + i * trains["A"] + o * (trains["B"] or trains["b"]))
+                act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"]) // one_a
+                # a reads x; ∂x += ... reads and writes ∂x; ∂A reads x (the x side);
+                # y += ... reads and writes y; ∂a reads g; ∂B̄ reads g
+                traffic = n * (i * (3 + trains["A"])) // group + n * (3 * o + o * (trains["B"] or trains["b"]))
         elif isinstance(layer, IA3Linear):
             dim = i if layer.where == "input" else o
             macs, traffic = 3 * n * dim, 4 * n * dim  # scale (read, write), its gradient (read g and x, write)
@@ -109,6 +112,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             seen.add(x.untyped_storage().data_ptr())
             act += x.numel() * elt
 
+    model(ids)  # a first forward learns which layers share an input (adapters/siblings.py)
     for _, layer in adapter_layers(model):
         hooks.append(layer.register_forward_hook(hook))
     model(ids)  # with grad enabled, so that each layer chooses its form as it does when training
@@ -122,34 +126,44 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
     """Seconds a step spends in its adapter layers beyond their base layers, each layer timed alone:
     forward + backward (into x and the trained tensors) of the adapted layer against its base
     layer's, on random inputs of the shape it sees in the model, alternated; layers of one kind
-    and shape are timed once and counted as often as they occur."""
-    seen: dict[tuple, tuple[nn.Module, torch.Size]] = {}
+    and shape are timed once and counted as often as they occur. Sibling layers that share their
+    down-projection (adapters/siblings.py) are timed together, on one input, as one unit."""
+    seen: dict[tuple, tuple[tuple, torch.Size]] = {}
     counts: dict[tuple, int] = {}
+    groups = getattr(model.slimtune_shared, "siblings", None)  # low-rank adapters only
+    groups = groups.group_of if groups is not None else {}
 
     def hook(layer, inputs, _out):
+        unit = groups.get(id(layer), (layer,))
+        if layer is not unit[0]:
+            return  # counted with the first of its group
         trains = tuple(layer.trained().items()) if isinstance(layer, LowRankLinear) else ()
-        key = (type(layer).__name__, getattr(layer, "where", ""), tuple(inputs[0].shape), layer.out_features, trains)
-        seen.setdefault(key, (layer, inputs[0].shape))
+        key = (type(layer).__name__, getattr(layer, "where", ""), tuple(inputs[0].shape),
+               tuple(m.out_features for m in unit), trains)
+        seen.setdefault(key, (unit, inputs[0].shape))
         counts[key] = counts.get(key, 0) + 1
 
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        model(ids)  # learns the sibling groups
     hooks = [layer.register_forward_hook(hook) for _, layer in adapter_layers(model)]
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         model(ids)  # grad enabled: each layer picks its form as it does when training
     for h in hooks:
         h.remove()
     total = 0.0
-    for key, (layer, shape) in seen.items():
-        params = [p for p in layer.parameters() if p.requires_grad]
+    for key, (unit, shape) in seen.items():
+        params = [p for m in unit for p in m.parameters() if p.requires_grad]
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-        g = torch.randn(*shape[:-1], layer.out_features, device=device, dtype=dtype)
+        gs = [torch.randn(*shape[:-1], m.out_features, device=device, dtype=dtype) for m in unit]
+        adapted, bases = [lambda x, m=m: m(x) for m in unit], [lambda x, m=m: m.base(x) for m in unit]
 
-        def run(f) -> float:
+        def run(fs) -> float:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-                y = f(x)
-            y.backward(g)
+                ys = [f(x) for f in fs]  # one x for the whole unit, as in the model
+            torch.autograd.backward(ys, gs)
             if device == "cuda":
                 torch.cuda.synchronize()
             x.grad = None
@@ -159,7 +173,7 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
 
         extra = []
         for i in range(reps + 3):  # base, adapted, base: the adapted one against the mean of its neighbours
-            t = [run(f) for f in (layer.base, layer, layer.base)]
+            t = [run(fs) for fs in (bases, adapted, bases)]
             if i >= 3:
                 extra.append(t[1] - (t[0] + t[2]) / 2)
         total += counts[key] * statistics.median(extra)

@@ -70,19 +70,27 @@ class LowRankLinear(AdapterLayer):
         Ad, Bb = scaled_factors(*(self.part(n) for n in "ABdb"))  # (r, in), (out, r)
         return Bb @ Ad  # (out, in)
 
-    def flops(self, n_tokens: int, training: bool, trains: dict[str, bool] | None = None) -> tuple[int, int]:
+    def flops(self, n_tokens: int, training: bool, trains: dict[str, bool] | None = None,
+              sharing: int = 1) -> tuple[int, int]:
         """Multiply-adds of the (per-token, dense) forms for n_tokens rows, as the functions in
-        fused.py compute them (the gradient into x assumed wanted); used to pick one."""
+        fused.py compute them (the gradient into x assumed wanted); used to pick one. `sharing`
+        layers read the same x with the same A (siblings.py): the x side is theirs to split."""
         i, o, r, n = self.in_features, self.out_features, self.r, n_tokens
         trains = trains or self.trained()
         if not training:
-            return n * r * (i + o), r * i * o
-        # per token: a, the up-projection, ∂(a ⊙ d) = g B̄, ∂x += ∂a A; then ∂A and ∂B̄ if they train
-        per_token = n * r * (i + 2 * o + i) + n * r * i * trains["A"] + n * r * o * (trains["B"] or trains["b"])
+            return n * r * i // sharing + n * r * o, r * i * o
+        # per token: a and ∂x += ∂a A (and ∂A if it trains) on the x side; the up-projection,
+        # ∂(a ⊙ d) = g B̄ (and ∂B̄ if B or b trains) on the output side
+        x_side = n * r * i * (2 + trains["A"])
+        per_token = x_side // sharing + n * r * 2 * o + n * r * o * (trains["B"] or trains["b"])
         # dense: ΔW in the forward and again in the backward, G = gᵀx; then G Aᵀ and B̄ᵀ G if needed
         dense = 2 * r * i * o + n * i * o + r * i * o * (trains["B"] or trains["b"] or trains["d"]) \
             + r * i * o * trains["A"]
         return per_token, dense
+
+    def same_a(self) -> tuple:
+        """The sibling layers (this one included) that read the same x with the same A."""
+        return self._shared[0].siblings.same_a(self)
 
     def fusable(self) -> bool:
         """A plain float base weight: the fused functions can read it (a quantised one they cannot)."""
@@ -102,7 +110,13 @@ class LowRankLinear(AdapterLayer):
         training = torch.is_grad_enabled() and any(trains.values())
         if (training and self.dropping()) or not self.fusable():
             return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
-        per_token, dense = self.flops(x.numel() // x.shape[-1], training, trains)
+        n = x.numel() // x.shape[-1]
+        group = self.same_a()
+        if len(group) == 1:
+            per_token, dense = self.flops(n, training, trains)
+        else:  # siblings with one A choose together: per token they compute a = x Aᵀ once
+            costs = [m.flops(n, training, trains if m is self else None, len(group)) for m in group]
+            per_token, dense = sum(c[0] for c in costs), sum(c[1] for c in costs)
         return dense < per_token
 
     def shares_down(self, x: torch.Tensor) -> bool:
@@ -136,11 +150,13 @@ class LowRankLinear(AdapterLayer):
         return self._forms(x, dense, args)
 
     def _forms(self, x: torch.Tensor, dense: bool, args: list) -> torch.Tensor:
+        siblings, a = self._shared[0].siblings, None
+        if args[1] is None:  # the adapter reads x itself: layers reading the same x can share a = x Aᵀ
+            siblings.observe(self, x)
         if dense:
             return DenseLowRank.apply(args[0], *args[2:], self.scale)
-        a = None
-        if args[1] is None:  # the adapter reads x itself: layers reading the same x share a = x Aᵀ
-            a = self._shared[0].siblings.down(self, x, args[0].reshape(-1, self.in_features))
+        if args[1] is None:
+            a = siblings.down(self, x, args[0].reshape(-1, self.in_features))
         if a is not None:
             args[4] = None  # A's gradient flows through the group's product
         return PerTokenLowRank.apply(*args, self.scale, a)

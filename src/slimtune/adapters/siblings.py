@@ -37,7 +37,8 @@ class Siblings:
     def __reduce__(self):  # copies and pickles learn their groups again
         return Siblings, ()
 
-    def _observe(self, layer, x: torch.Tensor) -> None:
+    def observe(self, layer, x: torch.Tensor) -> None:
+        """Learn the groups: layer is being called with x (any form, no dropout)."""
         if id(layer) in self.settled:
             return
         if self._run_x is not None and self._run_x() is x and self._run_version == x._version \
@@ -51,12 +52,17 @@ class Siblings:
         self.settled.update(id(m) for m in run)
         self._run, self._run_x, self._run_version = [layer], weakref.ref(x), x._version
 
+    def same_a(self, layer) -> tuple:
+        """layer's group members that use its A (a shared one: VeRA's, a tied one), or (layer,)."""
+        key = layer.shared_keys.get("A")
+        group = self.group_of.get(id(layer), ()) if key is not None else ()
+        return tuple(m for m in group if m.shared_keys.get("A") == key) or (layer,)
+
     def down(self, layer, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
         """layer's a = x Aᵀ (N, r) from its group's shared product, or None (no group: its own).
 
         x is the layer's input as called (the identity siblings are matched by); x2 is its rows
         in the dtype the product runs in."""
-        self._observe(layer, x)
         group = self.group_of.get(id(layer))
         if group is None:
             return None
