@@ -1,0 +1,59 @@
+"""Sibling layers sharing their down-projection (adapters/siblings.py), on against off.
+
+One process, SmolLM2-135M, one training step (forward + backward + AdamW) at 4 × 256 on the
+CPU: the frozen floor between every two steps, each adapter twice, with its sibling groups
+(as slimtune trains) and with every layer computing its own a = x Aᵀ (groups never learned).
+Prints each step's time over the mean of the floor steps either side (median, range).
+
+    python bench/siblings.py --methods vera lora --reps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+
+import torch
+from step import Variant
+
+import slimtune
+from slimtune.alloc import keep_freed_memory
+from slimtune.ops import adapter_layers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["vera", "lora"], help="presets; 'vera=1024' sets the rank")
+    ap.add_argument("--reps", type=int, default=4, help="rounds over all variants (after one warm-up round)")
+    args = ap.parse_args()
+    keep_freed_memory()  # as `slimtune train` does on CPU
+    torch.manual_seed(0)
+    base = slimtune.load_model(slimtune.DEFAULT_MODEL).requires_grad_(False)
+    ids = torch.randint(0, base.config.vocab_size, (4, 256))
+    variants = [Variant("floor", copy.deepcopy(base), "cpu")]
+    for spec in args.methods:
+        method, _, r = spec.partition("=")
+        kw = {"r": int(r)} if r else {}
+        for share in (True, False):
+            model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw))
+            if not share:  # every layer settled alone before the first forward: no group forms
+                model.slimtune_shared.siblings.settled.update(id(layer) for _, layer in adapter_layers(model))
+            variants.append(Variant(f"{spec} {'siblings' if share else 'each its own'}", model, "cpu"))
+    floor = variants[0]
+    for rnd in range(args.reps + 1):  # round 0 warms up (and learns the groups)
+        floor.step(ids, "cpu", torch.float32, False)
+        for v in variants[1:]:
+            v.step(ids, "cpu", torch.float32, False)
+            floor.step(ids, "cpu", torch.float32, False)
+            if rnd:
+                v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
+        print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
+    print(f"floor {statistics.median(floor.times[1:]) * 1e3:.0f} ms/step")
+    for v in variants[1:]:
+        print(f"{v.name:24s} time / floor {statistics.median(v.ratios):.3f} ({min(v.ratios):.3f}-{max(v.ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
