@@ -16,7 +16,7 @@ import statistics
 import sys
 
 import torch
-from step import Variant
+from step import Variant, alternate
 
 import slimtune
 from slimtune.alloc import keep_freed_memory
@@ -43,14 +43,9 @@ def main() -> None:
             variants.append(Variant(f"{spec} {'siblings' if share else 'each its own'}", model, "cpu"))
     floor = variants[0]
     for rnd in range(args.reps + 1):  # round 0 warms up (and learns the groups)
-        floor.step(ids, "cpu", torch.float32, False)
-        for v in variants[1:]:
-            v.step(ids, "cpu", torch.float32, False)
-            floor.step(ids, "cpu", torch.float32, False)
-            if rnd:
-                v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
+        alternate(variants, ids, "cpu", torch.float32, memory=False, warm_up=rnd == 0)
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
-    print(f"floor {statistics.median(floor.times[1:]) * 1e3:.0f} ms/step")
+    print(f"floor {statistics.median(floor.times) * 1e3:.0f} ms/step")
     for v in variants[1:]:
         print(f"{v.name:24s} time / floor {statistics.median(v.ratios):.3f} ({min(v.ratios):.3f}-{max(v.ratios):.3f})")
 

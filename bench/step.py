@@ -87,7 +87,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
         if isinstance(layer, LowRankLinear):
             # Sibling layers (adapters/siblings.py) split their x side: with one A (VeRA) its
             # arithmetic and a itself, with stacked A's (LoRA) the passes over x.
-            one_a, group = len(layer.same_a()), len(layer._shared[0].siblings.group_of.get(id(layer), (layer,)))
+            one_a, group = len(layer.same_a()), len(model.slimtune_shared.siblings.group_of.get(id(layer), (layer,)))
             per_token, dense_flops = layer.flops(n, training=True, sharing=one_a)
             dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
             macs = dense_flops if dense else per_token
@@ -130,8 +130,8 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
     down-projection (adapters/siblings.py) are timed together, on one input, as one unit."""
     seen: dict[tuple, tuple[tuple, torch.Size]] = {}
     counts: dict[tuple, int] = {}
-    groups = getattr(model.slimtune_shared, "siblings", None)  # low-rank adapters only
-    groups = groups.group_of if groups is not None else {}
+    siblings = getattr(model.slimtune_shared, "siblings", None)  # low-rank adapters only
+    groups = siblings.group_of if siblings is not None else {}
 
     def hook(layer, inputs, _out):
         unit = groups.get(id(layer), (layer,))
@@ -143,8 +143,9 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
         seen.setdefault(key, (unit, inputs[0].shape))
         counts[key] = counts.get(key, 0) + 1
 
-    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-        model(ids)  # learns the sibling groups
+    if siblings is not None and not siblings.settled:  # a model that has not run yet learns them first
+        with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+            model(ids)
     hooks = [layer.register_forward_hook(hook) for _, layer in adapter_layers(model)]
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         model(ids)  # grad enabled: each layer picks its form as it does when training
@@ -264,6 +265,24 @@ class Variant:
             self.mems.append(read_peak(device) - start_mem)
 
 
+def alternate(variants: list[Variant], ids: torch.Tensor, device: str, dtype: torch.dtype, memory: bool,
+              warm_up: bool) -> None:
+    """One round: a step of each variant, with the floor (variants[0]) between every two, so each
+    is timed against its neighbours; its time over the mean of the floor steps either side goes
+    to its ratios. A warm-up round's times and peaks are discarded."""
+    floor = variants[0]
+    floor.step(ids, device, dtype, memory=memory)
+    for v in variants[1:]:
+        v.step(ids, device, dtype, memory=memory)
+        floor.step(ids, device, dtype, memory=memory)
+        if not warm_up:
+            v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
+    if warm_up:
+        for v in variants:
+            v.times.clear()
+            v.mems.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=slimtune.DEFAULT_MODEL)
@@ -317,16 +336,7 @@ def main() -> None:
     floor, rounds = variants[0], []  # rounds: (GEMM rate, copy bandwidth, mean floor step) of each round
     for rnd in range(args.reps + 1):
         first = len(floor.times)
-        floor.step(ids, args.device, dtype, memory=in_process)
-        for v in variants[1:]:  # the floor between every two variants: each is timed against its neighbours
-            v.step(ids, args.device, dtype, memory=in_process)
-            floor.step(ids, args.device, dtype, memory=in_process)
-            if rnd > 0:
-                v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
-        if rnd == 0:  # warm-up round: discard
-            for v in variants:
-                v.times.clear()
-                v.mems.clear()
+        alternate(variants, ids, args.device, dtype, in_process, warm_up=rnd == 0)
         if rnd > 0:
             rounds.append((gemm_rate(base, args.batch * args.seq, args.device, dtype), copy_bandwidth(args.device),
                            statistics.mean(floor.times[first:])))
