@@ -1,11 +1,12 @@
 """Sibling layers sharing their down-projection (adapters/siblings.py), on against off.
 
-One process, SmolLM2-135M, one training step (forward + backward + AdamW) at 4 × 256 on the
-CPU: the frozen floor between every two steps, each adapter twice, with its sibling groups
+One process, SmolLM2-135M, one training step (forward + backward + AdamW) at 4 × 256 (by
+default) on the CPU, or on CUDA with a bf16 base as bench/step.py runs it: the frozen floor between every two steps, each adapter twice, with its sibling groups
 (as slimtune trains) and with every layer computing its own a = x Aᵀ (groups never learned).
 Prints each step's time over the mean of the floor steps either side (median, range).
 
     python bench/siblings.py --methods vera lora --reps 4
+    python bench/siblings.py --device cuda --random-init --batch 16 --seq 1024
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 import sys
 
 import torch
-from step import Variant, alternate
+from step import Variant, adapted, alternate, load_base
 
 import slimtune
 from slimtune.alloc import keep_freed_memory
@@ -27,25 +28,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["vera", "lora"], help="presets; 'vera=1024' sets the rank")
     ap.add_argument("--reps", type=int, default=4, help="rounds over all variants (after one warm-up round)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--random-init", action="store_true", help="the default model's config with random weights")
     args = ap.parse_args()
-    keep_freed_memory()  # as `slimtune train` does on CPU
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dev == "cpu":
+        keep_freed_memory()  # as `slimtune train` does on CPU
     torch.manual_seed(0)
-    base = slimtune.load_model(slimtune.DEFAULT_MODEL).requires_grad_(False)
-    ids = torch.randint(0, base.config.vocab_size, (4, 256))
-    variants = [Variant("floor", copy.deepcopy(base), "cpu")]
+    base = load_base(slimtune.DEFAULT_MODEL, args.random_init, dev, dtype)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=dev)
+    variants = [Variant("floor", copy.deepcopy(base), dev)]
     for spec in args.methods:
         method, _, r = spec.partition("=")
         kw = {"r": int(r)} if r else {}
         for share in (True, False):
-            model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw))
+            model = adapted(base, slimtune.preset(method, **kw))
             if not share:  # every layer settled alone before the first forward: no group forms
                 model.slimtune_shared.siblings.settled.update(id(layer) for _, layer in adapter_layers(model))
-            variants.append(Variant(f"{spec} {'siblings' if share else 'each its own'}", model, "cpu"))
+            variants.append(Variant(f"{spec} {'siblings' if share else 'each its own'}", model, dev))
     floor = variants[0]
     for rnd in range(args.reps + 1):  # round 0 warms up (and learns the groups)
-        alternate(variants, ids, "cpu", torch.float32, memory=False, warm_up=rnd == 0)
+        alternate(variants, ids, dev, dtype, memory=False, warm_up=rnd == 0)
         print(f"round {rnd}/{args.reps} done", file=sys.stderr, flush=True)
-    print(f"floor {statistics.median(floor.times) * 1e3:.0f} ms/step")
+    print(f"floor {statistics.median(floor.times) * 1e3:.1f} ms/step ({dev}, {str(dtype).split('.')[-1]}, "
+          f"batch {args.batch} x {args.seq})")
     for v in variants[1:]:
         print(f"{v.name:24s} time / floor {statistics.median(v.ratios):.3f} ({min(v.ratios):.3f}-{max(v.ratios):.3f})")
 

@@ -1,7 +1,8 @@
 """One training step (forward + backward + AdamW) on SmolLM2-135M, every preset in one run.
 
     python bench/step.py                       # CPU, fp32, batch 4 x 256
-    python bench/step.py --device cuda         # bf16 autocast on CUDA
+    python bench/step.py --device cuda         # on CUDA: a bf16 base, fp32 adapters, bf16 autocast
+    python bench/step.py --random-init         # the architecture with random weights (no GGUF needed)
 
 Variants run in alternation (`--reps` rounds), with a floor step between every two, so each
 step is divided by the mean of the floor steps either side of it; the median of those paired
@@ -67,6 +68,29 @@ def peft_model(base: nn.Module, method: str, r: int | None):
            "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                          feedforward_modules=["down_proj"])}[method]()
     return peft.get_peft_model(base, cfg)
+
+
+def load_base(name: str, random_init: bool, device: str, dtype: torch.dtype) -> nn.Module:
+    """The frozen base as `slimtune train` holds it: bf16 weights on CUDA, fp32 on CPU. With
+    random_init, a shipped config's architecture with random weights: the same shapes, so the
+    same times, on a machine without the default model's GGUF (a GPU machine, say)."""
+    if random_init:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = json.loads((slimtune.models.CONFIGS / f"{name}.json").read_text())
+        base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    else:
+        base = slimtune.load_model(name)
+    return base.to(device, dtype).requires_grad_(False)
+
+
+def adapted(base: nn.Module, config) -> nn.Module:
+    """A copy of base with the adapter, its trained tensors in fp32 whatever the base's dtype
+    (as `slimtune train` sets them)."""
+    model = slimtune.add_adapter(copy.deepcopy(base), config)
+    for p in slimtune.trainable_parameters(model).values():
+        p.data = p.data.float()
+    return model
 
 
 def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, int, list[tuple[int, int]]]:
@@ -293,13 +317,14 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
     ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
     ap.add_argument("--no-peft", action="store_true")
+    ap.add_argument("--random-init", action="store_true", help="--model's shipped config with random weights")
     ap.add_argument("--return-freed-memory", action="store_true",
                     help="time under glibc's default malloc (the trainer keeps freed memory: slimtune.alloc)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(0)
-    base = slimtune.load_model(args.model).requires_grad_(False)
+    base = load_base(args.model, args.random_init, args.device, dtype)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
     elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
 
@@ -314,7 +339,7 @@ def main() -> None:
         specs.append(("vera", {"r": args.high_rank}))
     for method, kw in specs:
         label = method + (f" r={kw['r']}" if kw else "")
-        model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset(method, **kw)).to(args.device)
+        model = adapted(base, slimtune.preset(method, **kw))
         if not args.memory_child:
             info[label] = required_bytes(model, ids, elt)
         variants.append(Variant(label, model, args.device))
@@ -360,8 +385,10 @@ def main() -> None:
     print("adapter layers alone", file=sys.stderr, flush=True)
     alone = {v.name: layers_alone(v.model, ids, args.device, dtype) / floor_t for v in variants[1:]
              if not v.name.startswith("peft") and not v.name.endswith("per-token")}
-    print(f"\n# bench/step.py  {args.model}  {args.device} {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
-          f"  torch {torch.__version__}  {platform.processor() or platform.machine()}  {os.cpu_count()} cpus"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    print(f"\n# bench/step.py  {args.model}{' (random init)' if args.random_init else ''}  {args.device} "
+          f"{str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
+          f"  torch {torch.__version__}  {where}  {os.cpu_count()} cpus"
           f"  {time.strftime('%Y-%m-%d')}")
     print(f"floor: {floor_t * 1e3:.0f} ms/step, peak +{floor_m / 2**20:.0f} MiB; "
           f"GEMM rate on the model's FFN shape {statistics.median(rates) / 1e9:.1f} G multiply-adds/s (median; "
