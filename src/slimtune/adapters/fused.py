@@ -45,9 +45,18 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 SKINNY_R = 16  # below this rank CPU BLAS runs the per-token products 1.4-4x faster with r as rows; above, slower
 
 
-def _mm(P: torch.Tensor, Q: torch.Tensor, flip: bool) -> torch.Tensor:
-    """P @ Q, computed as (Qᵀ Pᵀ)ᵀ when flip: the same product, the other operand order."""
-    return (Q.T @ P.T).T if flip else P @ Q
+def _mm(P: torch.Tensor, Q: torch.Tensor, flip: bool, alpha: float = 1.0, like: torch.Tensor | None = None):
+    """alpha · P @ Q, computed as (Qᵀ Pᵀ)ᵀ when flip on the CPU: the same product, the other
+    operand order (cuBLAS takes either at one speed). `like`, any tensor of the product's shape,
+    lets one GEMM apply alpha: addmm with beta = 0 never reads it (documented), so no second
+    pass over the product scales it."""
+    if flip and P.is_cpu:
+        return _mm(Q.T, P.T, False, alpha, None if like is None else like.T).T
+    if alpha == 1.0:
+        return torch.mm(P, Q)
+    if like is None:
+        return torch.mm(P, Q).mul_(alpha)
+    return torch.addmm(like, P, Q, beta=0, alpha=alpha)
 
 
 class PerTokenLowRank(torch.autograd.Function):
@@ -76,7 +85,7 @@ class PerTokenLowRank(torch.autograd.Function):
         into_x = need[0] and ctx.xa_is_x and ctx.own_a  # ∂a A joins ∂x
         need_a = not ctx.own_a and need[9]
         if into_x or need[1] or need[4] or need[6] or need_a:
-            ga = _mm(g2, Bb, skinny) * s  # ∂(a ⊙ d) (N, r)
+            ga = _mm(g2, Bb, skinny, s, a)  # ∂(a ⊙ d) (N, r)
             if need[6]:
                 gd = (ga * a).sum(0)  # (r,)
             if d is not None:
@@ -91,7 +100,7 @@ class PerTokenLowRank(torch.autograd.Function):
                 gx.addmm_(ga, A)  # xa is x: its gradient joins the base's in the same buffer
         if need[5] or need[7]:
             ad = a if d is None else a * d  # (N, r)
-            gBb = _mm(g2.T, ad, skinny) * s  # ∂B̄ (out, r)
+            gBb = _mm(g2.T, ad, skinny, s, B)  # ∂B̄ (out, r)
             if need[5]:
                 gB = diag_rows(b, gBb)
             if need[7]:

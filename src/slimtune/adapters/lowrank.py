@@ -30,6 +30,10 @@ from .base import AdapterLayer, SharedTensors
 from .fused import DenseLowRank, PerTokenLowRank, diag_rows, scaled_factors
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class LowRankLinear(AdapterLayer):
     def __init__(self, base: nn.Module, config, shared: SharedTensors, shared_keys: dict[str, str],
                  local: dict[str, tuple[torch.Tensor, bool]]):
@@ -45,6 +49,7 @@ class LowRankLinear(AdapterLayer):
             else:
                 self.register_buffer(name, tensor, persistent=False)
         self.frozen_names = [n for n, (_, trained) in local.items() if not trained]
+        self._choices: dict[tuple, bool] = {}  # use_dense's answers: the same for every call of a shape
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: getattr(self, n) for n in self.trained_names}
@@ -112,12 +117,17 @@ class LowRankLinear(AdapterLayer):
             return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
         n = x.numel() // x.shape[-1]
         group = self.same_a()
-        if len(group) == 1:
-            per_token, dense = self.flops(n, training, trains)
-        else:  # siblings with one A choose together: per token they compute a = x Aᵀ once
-            costs = [m.flops(n, training, trains if m is self else None, len(group)) for m in group]
-            per_token, dense = sum(c[0] for c in costs), sum(c[1] for c in costs)
-        return dense < per_token
+        key = (n, training, *trains.values(), len(group))
+        if key not in self._choices:
+            if len(group) == 1:
+                per_token, dense = self.flops(n, training, trains)
+            else:  # siblings with one A choose together: per token they compute a = x Aᵀ once
+                costs = [m.flops(n, training, trains if m is self else None, len(group)) for m in group]
+                per_token, dense = sum(c[0] for c in costs), sum(c[1] for c in costs)
+            if len(self._choices) > 1024:  # many distinct batch shapes: forget the old ones
+                self._choices.clear()
+            self._choices[key] = dense < per_token
+        return self._choices[key]
 
     def shares_down(self, x: torch.Tensor) -> bool:
         """This call would compute a = x Aᵀ itself from x (siblings.py): the fused per-token form
@@ -139,27 +149,24 @@ class LowRankLinear(AdapterLayer):
             return out.view(y.shape)
         dense = self.use_dense(x, parts=parts)
         dev = x.device.type
-        args = [x, xa, weight_oi(self.base), self.base.bias, *parts]
-        autocast = torch.is_autocast_enabled(dev)
-        dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
-        if any(t is not None and t.dtype != dtype for t in args):  # the functions compute in one dtype
-            args = [None if t is None else t.to(dtype) for t in args]  # cast here as autocast would
-        if autocast:
+        if torch.is_autocast_enabled(dev):  # the functions compute in autocast's dtype, cast here as autocast would
             with torch.autocast(dev, enabled=False):
-                return self._forms(x, dense, args)
-        return self._forms(x, dense, args)
+                return self._forms(x, xa, parts, dense, torch.get_autocast_dtype(dev))
+        return self._forms(x, xa, parts, dense, x.dtype)
 
-    def _forms(self, x: torch.Tensor, dense: bool, args: list) -> torch.Tensor:
+    def _forms(self, x: torch.Tensor, xa: torch.Tensor | None, parts: list, dense: bool, dtype) -> torch.Tensor:
         siblings, a = self._shared[0].siblings, None
-        if args[1] is None:  # the adapter reads x itself: layers reading the same x can share a = x Aᵀ
+        if xa is None:  # the adapter reads x itself: layers reading the same x can share a = x Aᵀ
             siblings.observe(self, x)
+        xc, W0, bias = _cast(x, dtype), _cast(weight_oi(self.base), dtype), _cast(self.base.bias, dtype)
+        A, B, d, b = parts
         if dense:
-            return DenseLowRank.apply(args[0], *args[2:], self.scale)
-        if args[1] is None:
-            a = siblings.down(self, x, args[0].reshape(-1, self.in_features))
-        if a is not None:
-            args[4] = None  # A's gradient flows through the group's product
-        return PerTokenLowRank.apply(*args, self.scale, a)
+            return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale)
+        if xa is None:
+            a = siblings.down(self, x, xc.reshape(-1, self.in_features))
+        # given a, A's gradient flows through the group's product: A is not even cast
+        return PerTokenLowRank.apply(xc, _cast(xa, dtype), W0, bias, None if a is not None else _cast(A, dtype),
+                                     _cast(B, dtype), _cast(d, dtype), _cast(b, dtype), self.scale, a)
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias
