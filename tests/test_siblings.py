@@ -157,3 +157,28 @@ def test_siblings_with_one_A_choose_their_form_together():
     assert [m.use_dense(h) for m in qkv] == [together] * 3
     own = [m.flops(48, True) for m in qkv]
     assert [c[1] < c[0] for c in own] != [together] * 3  # the case where choosing together matters
+
+
+@pytest.mark.parametrize("method", ["lora", "vera", "tied-lora"])
+def test_torch_compile_traces_the_adapter_once_and_matches_eager(method):
+    """Under torch.compile sibling sharing is off (compile fuses by itself): the adapted model
+    compiles to a couple of frames, not one recompile per layer, and equals eager."""
+    import torch._dynamo
+    import torch._dynamo.testing
+
+    base = tiny("llama").requires_grad_(False)
+    eager = slimtune.add_adapter(clone(base), tiny_preset(method))
+    perturb(eager)
+    traced = clone(eager)
+    x = batch(eager)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # traces, no codegen
+    compiled = torch.compile(traced, backend=counter)
+    for model, fn in ((eager, eager), (traced, compiled)):
+        fn(**x)
+        (fn(**x).logits ** 2).mean().backward()
+    assert counter.frame_count <= 3  # one per layer (50+) before sharing stepped aside
+    torch.testing.assert_close(compiled(**x).logits, eager(**x).logits, rtol=1e-5, atol=1e-6)
+    for (k, p), q in zip(slimtune.trainable_parameters(eager).items(), slimtune.trainable_parameters(traced).values()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=k)
+    torch._dynamo.reset()

@@ -116,7 +116,7 @@ class LowRankLinear(AdapterLayer):
         if (training and self.dropping()) or not self.fusable():
             return False  # dropout applies to the adapter's input only; a quantised W0 is never materialised
         n = x.numel() // x.shape[-1]
-        group = self.same_a()
+        group = (self,) if torch.compiler.is_compiling() else self.same_a()
         key = (n, training, *trains.values(), len(group))
         if key not in self._choices:
             if len(group) == 1:
@@ -156,13 +156,16 @@ class LowRankLinear(AdapterLayer):
 
     def _forms(self, x: torch.Tensor, xa: torch.Tensor | None, parts: list, dense: bool, dtype) -> torch.Tensor:
         siblings, a = self._shared[0].siblings, None
-        if xa is None:  # the adapter reads x itself: layers reading the same x can share a = x Aᵀ
+        # the adapter reads x itself: layers reading the same x can share a = x Aᵀ (not under
+        # torch.compile, whose fusion does that job and which would recompile per layer for it)
+        share = xa is None and not torch.compiler.is_compiling()
+        if share:
             siblings.observe(self, x)
         xc, W0, bias = _cast(x, dtype), _cast(weight_oi(self.base), dtype), _cast(self.base.bias, dtype)
         A, B, d, b = parts
         if dense:
             return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale)
-        if xa is None:
+        if share:
             a = siblings.down(self, x, xc.reshape(-1, self.in_features))
         # given a, A's gradient flows through the group's product: A is not even cast
         return PerTokenLowRank.apply(xc, _cast(xa, dtype), W0, bias, None if a is not None else _cast(A, dtype),
