@@ -15,7 +15,6 @@ bench/step.py runs it (bf16 base, fp32 adapters, bf16 autocast, fused AdamW), in
 from __future__ import annotations
 
 import argparse
-import copy
 import cProfile
 import io
 import pstats
@@ -23,68 +22,46 @@ import statistics
 import time
 
 import torch
-from step import Variant, adapted, load_base, peft_model
-
-import slimtune
-
-
-def timed_step(v: Variant, ids: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=dtype):
-        loss = v.model(ids, labels=ids).loss
-    loss.backward()
-    if v.opt:
-        v.opt.step()
-        v.opt.zero_grad(set_to_none=True)
-    queued = time.perf_counter()
-    torch.cuda.synchronize()
-    return queued - t0, time.perf_counter() - t0
+from step import Variant, base_and_batch, model_args, variant
 
 
 def kernels(v: Variant, ids: torch.Tensor, dtype: torch.dtype) -> tuple[int, float]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timed_step(v, ids, dtype)
+        v.step(ids, "cuda", dtype, memory=False)
     gpu = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     return sum(e.count for e in gpu), sum(e.self_device_time_total for e in gpu) / 1e3
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=slimtune.DEFAULT_MODEL)
-    ap.add_argument("--random-init", action="store_true", help="--model's shipped config with random weights")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
+    model_args(ap)
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "ia3"])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--cprofile", action="store_true", help="also print the Python profile of the first method")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/host.py measures a CUDA step: no CUDA device here")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    torch.manual_seed(0)
-    base = load_base(args.model, args.random_init, "cuda", dtype)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device="cuda")
-    variants = [Variant("floor", copy.deepcopy(base), "cuda")]
-    for m in args.methods:
-        variants.append(Variant(m, adapted(base, slimtune.preset(m)), "cuda"))
-        if m in ("lora", "vera", "ia3"):
-            variants.append(Variant("peft " + m, peft_model(copy.deepcopy(base), m, None), "cuda"))
-    times = {v.name: [] for v in variants}
+    if args.device != "cuda" or not torch.cuda.is_available():
+        raise SystemExit(f"bench/host.py measures a CUDA step: --device {args.device} (CUDA available: "
+                         f"{torch.cuda.is_available()}); run it on a GPU machine with --device cuda")
+    base, ids, dtype = base_and_batch(args)
+    names = ["floor"]
+    for m in args.methods:  # with PEFT's own where PEFT has the method
+        names += [m, f"peft {m}"] if m in ("lora", "vera", "ia3") else [m]
+    variants = [variant(base, n, "cuda") for n in names]
     for rnd in range(args.reps + 3):  # three warm-up rounds
         for v in variants:
-            t = timed_step(v, ids, dtype)
-            if rnd >= 3:
-                times[v.name].append(t)
+            v.step(ids, "cuda", dtype, memory=False)
+            if rnd < 3:
+                v.times.clear()
+                v.queued.clear()
     print(f"# bench/host.py  {args.model}{' (random init)' if args.random_init else ''}  {torch.cuda.get_device_name()}"
           f"  {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}  torch {torch.__version__}"
           f"  {time.strftime('%Y-%m-%d')}\n")
     print("| variant | host ms | total ms | kernels | GPU busy ms |")
     print("|---|---|---|---|---|")
     for v in variants:
-        host = statistics.median(h for h, _ in times[v.name])
-        total = statistics.median(t for _, t in times[v.name])
+        host, total = statistics.median(v.queued), statistics.median(v.times)
         n, busy = kernels(v, ids, dtype)
         print(f"| {v.name} | {host * 1e3:.1f} | {total * 1e3:.1f} | {n} | {busy:.1f} |")
     if args.cprofile:
@@ -92,7 +69,7 @@ def main() -> None:
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(10):
-            timed_step(v, ids, dtype)
+            v.step(ids, "cuda", dtype, memory=False)
         prof.disable()
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)

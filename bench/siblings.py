@@ -1,8 +1,9 @@
 """Sibling layers sharing their down-projection (adapters/siblings.py), on against off.
 
 One process, SmolLM2-135M, one training step (forward + backward + AdamW) at 4 × 256 (by
-default) on the CPU, or on CUDA with a bf16 base as bench/step.py runs it: the frozen floor between every two steps, each adapter twice, with its sibling groups
-(as slimtune trains) and with every layer computing its own a = x Aᵀ (groups never learned).
+default) on the CPU, or on CUDA with a bf16 base as bench/step.py runs it. The frozen floor
+runs between every two steps; each adapter runs twice, with its sibling groups (as slimtune
+trains) and with every layer computing its own a = x Aᵀ (groups never learned).
 Prints each step's time over the mean of the floor steps either side (median, range).
 
     python bench/siblings.py --methods vera lora --reps 4
@@ -12,12 +13,10 @@ Prints each step's time over the mean of the floor steps either side (median, ra
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 
-import torch
-from step import Variant, adapted, alternate, load_base
+from step import Variant, adapted, alternate, base_and_batch, model_args, variant
 
 import slimtune
 from slimtune.alloc import keep_freed_memory
@@ -28,19 +27,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["vera", "lora"], help="presets; 'vera=1024' sets the rank")
     ap.add_argument("--reps", type=int, default=4, help="rounds over all variants (after one warm-up round)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--random-init", action="store_true", help="the default model's config with random weights")
+    model_args(ap)
     args = ap.parse_args()
     dev = args.device
-    dtype = torch.bfloat16 if dev == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dev == "cpu":
         keep_freed_memory()  # as `slimtune train` does on CPU
-    torch.manual_seed(0)
-    base = load_base(slimtune.DEFAULT_MODEL, args.random_init, dev, dtype)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=dev)
-    variants = [Variant("floor", copy.deepcopy(base), dev)]
+    base, ids, dtype = base_and_batch(args)
+    variants = [variant(base, "floor", dev)]
     for spec in args.methods:
         method, _, r = spec.partition("=")
         kw = {"r": int(r)} if r else {}

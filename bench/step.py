@@ -270,6 +270,7 @@ class Variant:
         # backward runs through the whole network, as every adapter's backward does.
         self.hook = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)) if not self.params else None
         self.times: list[float] = []
+        self.queued: list[float] = []  # host time until the step's last kernel is queued (CUDA: before the sync)
         self.ratios: list[float] = []  # step time over the mean of the floor steps either side
         self.mems: list[int] = []
 
@@ -282,6 +283,7 @@ class Variant:
         if self.opt:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+        self.queued.append(time.perf_counter() - t0)
         if device == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - t0)
@@ -304,28 +306,48 @@ def alternate(variants: list[Variant], ids: torch.Tensor, device: str, dtype: to
     if warm_up:
         for v in variants:
             v.times.clear()
+            v.queued.clear()
             v.mems.clear()
+
+def variant(base: nn.Module, name: str, device: str) -> Variant:
+    """'floor' (the frozen base), a preset's name (our adapter), or 'peft <method>' (PEFT's)."""
+    if name == "floor":
+        return Variant(name, copy.deepcopy(base), device)
+    if name.startswith("peft "):
+        return Variant(name, peft_model(copy.deepcopy(base), name.split()[1], None), device)
+    return Variant(name, adapted(base, slimtune.preset(name)), device)
+
+
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """The options every bench script takes: the model and its weights, the device, the batch."""
+    ap.add_argument("--model", default=slimtune.DEFAULT_MODEL)
+    ap.add_argument("--random-init", action="store_true", help="--model's shipped config with random weights")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+
+
+def base_and_batch(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, torch.dtype]:
+    """From `model_args`' options: the frozen base (`load_base`), one seeded batch of random token
+    ids, and the dtype steps run in (bf16 autocast on a CUDA device that has it, else fp32)."""
+    dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    torch.manual_seed(0)
+    base = load_base(args.model, args.random_init, args.device, dtype)
+    return base, torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device), dtype
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=slimtune.DEFAULT_MODEL)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=256)
+    model_args(ap)
     ap.add_argument("--reps", type=int, default=3, help="rounds over all variants (after one warm-up round)")
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
     ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
     ap.add_argument("--no-peft", action="store_true")
-    ap.add_argument("--random-init", action="store_true", help="--model's shipped config with random weights")
     ap.add_argument("--return-freed-memory", action="store_true",
                     help="time under glibc's default malloc (the trainer keeps freed memory: slimtune.alloc)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    torch.manual_seed(0)
-    base = load_base(args.model, args.random_init, args.device, dtype)
-    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    base, ids, dtype = base_and_batch(args)
     elt = 4  # adapters and fp32 activations; bf16 autocast keeps fewer bytes, so this bounds from above
 
     if not args.memory_child:  # the child reads peaks only
@@ -333,7 +355,7 @@ def main() -> None:
             keep_freed_memory()  # as `slimtune train` does on CPU: floor, ours and PEFT's alike
         # The machine's speed drifts by 15 % and more within a run: the GEMM rate and the copy
         # bandwidth are measured after every round and paired with that round's floor steps (rounds).
-    variants, info = [Variant("floor", copy.deepcopy(base), args.device)], {}
+    variants, info = [variant(base, "floor", args.device)], {}
     specs = [(m, {}) for m in args.methods]
     if args.high_rank:
         specs.append(("vera", {"r": args.high_rank}))

@@ -122,25 +122,13 @@ def test_forms_agree_on_cuda():
 
 def test_trainer_on_cuda_resumes_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):
     """`slimtune train` on the GPU in bf16: loss falls, a Ctrl-C checkpoint resumes to the same run."""
-    from test_train import adapter_weights, cfg_for
-
-    import slimtune.job as job
+    from test_train import adapter_weights, cfg_for, interrupted_run
 
     kw = dict(device="cuda", precision="bf16", steps=6, save_every=2, log_every=1, lr=3e-3)
     full = slimtune.run_training(cfg_for(tiny_dir, tmp_path / "full", **kw))
     losses = [full["losses"][k] for k in sorted(full["losses"])]
     assert losses[-1] < losses[0]
-    real = job.train_step
-
-    def interrupt_at_3(run, step, *a):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(run, step, *a)
-
-    monkeypatch.setattr(job, "train_step", interrupt_at_3)
-    with pytest.raises(slimtune.train.Interrupted):
-        slimtune.run_training(cfg_for(tiny_dir, tmp_path / "cut", **kw))
-    monkeypatch.setattr(job, "train_step", real)
+    interrupted_run(cfg_for(tiny_dir, tmp_path / "cut", **kw), 3, monkeypatch)
     resumed = slimtune.run_training(cfg_for(tiny_dir, tmp_path / "cut", resume=True, **kw))
     for k, v in resumed["losses"].items():
         assert v == pytest.approx(full["losses"][k], rel=1e-5)

@@ -49,25 +49,30 @@ def test_grad_accumulation_equivalence(tiny_dir, tmp_path):
             torch.testing.assert_close(w[k], ref_w[k], rtol=1e-4, atol=1e-6)
 
 
+def interrupted_run(cfg: TrainConfig, at: int, monkeypatch) -> None:
+    """Run training with a Ctrl-C at step `at` (it writes a checkpoint), then restore the loop."""
+    import slimtune.job as job
+
+    real = job.train_step
+
+    def interrupt(run, step, *a):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(run, step, *a)
+
+    monkeypatch.setattr(job, "train_step", interrupt)
+    with pytest.raises(slimtune.train.Interrupted, match=f"interrupted at step {at}"):
+        run_training(cfg)
+    monkeypatch.setattr(job, "train_step", real)
+
+
 def test_resume_equivalence_after_ctrl_c(tiny_dir, tmp_path, monkeypatch):
     """Stop at step 3 (Ctrl-C writes a checkpoint), resume: every later loss and the final weights match."""
     kw = dict(steps=7, grad_accum=2, batch_size=4, adapter={"dropout": 0.1}, save_every=2, schedule="cosine", log_every=1,
               warmup_steps=2)
     full = run_training(cfg_for(tiny_dir, tmp_path / "full", **kw))
-    import slimtune.job as job
-
-    real = job.train_step
-
-    def interrupt_at_3(run, step, *a):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(run, step, *a)
-
-    monkeypatch.setattr(job, "train_step", interrupt_at_3)
-    with pytest.raises(slimtune.train.Interrupted, match="interrupted at step 3"):
-        run_training(cfg_for(tiny_dir, tmp_path / "cut", **kw))
+    interrupted_run(cfg_for(tiny_dir, tmp_path / "cut", **kw), 3, monkeypatch)
     assert latest_checkpoint(tmp_path / "cut").name == "step-000003"
-    monkeypatch.setattr(job, "train_step", real)
     resumed = run_training(cfg_for(tiny_dir, tmp_path / "cut", resume=True, **kw))
     assert sorted(resumed["losses"]) == [4, 5, 6, 7]
     for k, v in resumed["losses"].items():
