@@ -21,6 +21,11 @@ hits a step and its neighbours alike). Each variant is compared with:
   layer's on random inputs of the shape it sees (alternated, after the rounds), summed over the
   model's layers: what the layers cost with the model around them taken away. What the step
   takes beyond that is the model-level remainder (caches, the optimiser, autograd's graph);
+- the adapter's products as BLAS ran them (CPU): the step's self time in matrix-product ops
+  under the profiler, beyond the floor's (alternated, after the rounds). A rank-8 product
+  runs at a fraction of the FFN shape's GEMM rate, so this is the arithmetic at the rates its
+  own shapes reach; what the step takes beyond it is everything that is not a product
+  (elementwise work, copies, allocation, autograd, Python, the optimiser);
 - PEFT's implementation of the same method, where PEFT has it.
 
 Steps run as `slimtune train` runs them: fused AdamW where it applies, and on CPU with freed
@@ -203,6 +208,35 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
                 extra.append(t[1] - (t[0] + t[2]) / 2)
         total += counts[key] * statistics.median(extra)
     return total
+
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+
+
+def gemm_time(v: "Variant", ids: torch.Tensor, device: str, dtype: torch.dtype) -> float:
+    """Seconds one step of v spends inside matrix products (self time of the aten GEMM ops, under
+    the profiler), whatever their shapes: base and adapter products as BLAS runs them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        v.step(ids, device, dtype, memory=False)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMMS) / 1e6
+
+
+def gemms_beyond_floor(variants: list["Variant"], ids: torch.Tensor, device: str, dtype: torch.dtype,
+                       reps: int = 3) -> dict[str, float]:
+    """Per variant, seconds its step spends in matrix products beyond the floor's: the adapter's
+    products at the rate BLAS reaches on their own shapes (a rank-8 product runs at a fraction of
+    the FFN shape's rate). Floor, variant, floor, as in the rounds; the median of reps."""
+    floor, extra = variants[0], {v.name: [] for v in variants[1:]}
+    for _ in range(reps):
+        before = gemm_time(floor, ids, device, dtype)
+        for v in variants[1:]:
+            ours = gemm_time(v, ids, device, dtype)
+            after = gemm_time(floor, ids, device, dtype)
+            extra[v.name].append(ours - (before + after) / 2)
+            before = after
+    return {name: statistics.median(e) for name, e in extra.items()}
 
 
 def roofline(layers: list[tuple[int, int]], rate: float, bw: float) -> float:
@@ -407,6 +441,10 @@ def main() -> None:
     print("adapter layers alone", file=sys.stderr, flush=True)
     alone = {v.name: layers_alone(v.model, ids, args.device, dtype) / floor_t for v in variants[1:]
              if not v.name.startswith("peft") and not v.name.endswith("per-token")}
+    gemms = {}
+    if args.device == "cpu":  # on CUDA the step waits on the host, not on its kernels (bench/host.py)
+        print("matrix products, profiled", file=sys.stderr, flush=True)
+        gemms = {name: t / floor_t for name, t in gemms_beyond_floor(variants, ids, args.device, dtype).items()}
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"\n# bench/step.py  {args.model}{' (random init)' if args.random_init else ''}  {args.device} "
           f"{str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
@@ -417,9 +455,11 @@ def main() -> None:
           f"{min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f} over the rounds), copy "
           f"{statistics.median(b for _, b, _ in rounds) / 1e9:.1f} GB/s; "
           f"freed memory {'returned (glibc default)' if args.return_freed_memory else 'kept'}\n")
-    print("| variant | ms/step | time / floor | arithmetic / floor | overhead / floor | roofline / floor | "
-          "beyond roofline | layers alone / floor | beyond layers alone | peak − floor MiB | required MiB | vs PEFT time | vs PEFT peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = ["variant", "ms/step", "time / floor", "arithmetic / floor", "overhead / floor", "roofline / floor",
+               "beyond roofline", "layers alone / floor", "beyond layers alone", "GEMMs as run / floor",
+               "beyond GEMMs", "peak − floor MiB", "required MiB", "vs PEFT time", "vs PEFT peak"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for v in variants[1:]:
         label = v.name.removesuffix(" per-token")
         req, macs, layers = info.get(label, (None, None, None))
@@ -434,6 +474,8 @@ def main() -> None:
                  f"{ratio[v.name] - 1 - roof:+.3f}" if roof is not None else "",
                  f"{alone[v.name]:.3f}" if v.name in alone else "",
                  f"{ratio[v.name] - 1 - alone[v.name]:+.3f}" if v.name in alone else "",
+                 f"{gemms[v.name]:.3f}" if v.name in gemms else "",
+                 f"{ratio[v.name] - 1 - gemms[v.name]:+.3f}" if v.name in gemms else "",
                  f"{(mem[v.name] - floor_m) / 2**20:.1f}",
                  f"{req / 2**20:.1f}" if req is not None and not v.name.startswith("peft")
                  and not v.name.endswith("per-token") else "",
