@@ -21,8 +21,8 @@ hits a step and its neighbours alike). Each variant is compared with:
   layer's on random inputs of the shape it sees (alternated, after the rounds), summed over the
   model's layers: what the layers cost with the model around them taken away. What the step
   takes beyond that is the model-level remainder (caches, the optimiser, autograd's graph);
-- the adapter's products as BLAS ran them (CPU): the step's self time in matrix-product ops
-  under the profiler, beyond the floor's (alternated, after the rounds). A rank-8 product
+- the adapter's products as BLAS ran them (CPU): the step's self time, under the profiler, in
+  matrix-product ops on shapes the floor's step never runs (after the rounds). A rank-8 product
   runs at a fraction of the FFN shape's GEMM rate, so this is the arithmetic at the rates its
   own shapes reach; what the step takes beyond it is everything that is not a product
   (elementwise work, copies, allocation, autograd, Python, the optimiser);
@@ -213,30 +213,26 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
 GEMMS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm")
 
 
-def gemm_time(v: "Variant", ids: torch.Tensor, device: str, dtype: torch.dtype) -> float:
-    """Seconds one step of v spends inside matrix products (self time of the aten GEMM ops, under
-    the profiler), whatever their shapes: base and adapter products as BLAS runs them."""
+def gemm_events(v: "Variant", ids: torch.Tensor, device: str, dtype: torch.dtype) -> dict[tuple, float]:
+    """One step of v under the profiler: seconds of self time in matrix-product ops, by (op, input shapes)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         v.step(ids, device, dtype, memory=False)
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMMS) / 1e6
+    return {(e.key, str(e.input_shapes)): e.self_cpu_time_total / 1e6
+            for e in prof.key_averages(group_by_input_shape=True) if e.key in GEMMS}
 
 
-def gemms_beyond_floor(variants: list["Variant"], ids: torch.Tensor, device: str, dtype: torch.dtype,
-                       reps: int = 3) -> dict[str, float]:
-    """Per variant, seconds its step spends in matrix products beyond the floor's: the adapter's
-    products at the rate BLAS reaches on their own shapes (a rank-8 product runs at a fraction of
-    the FFN shape's rate). Floor, variant, floor, as in the rounds; the median of reps."""
-    floor, extra = variants[0], {v.name: [] for v in variants[1:]}
-    for _ in range(reps):
-        before = gemm_time(floor, ids, device, dtype)
-        for v in variants[1:]:
-            ours = gemm_time(v, ids, device, dtype)
-            after = gemm_time(floor, ids, device, dtype)
-            extra[v.name].append(ours - (before + after) / 2)
-            before = after
-    return {name: statistics.median(e) for name, e in extra.items()}
+def adapter_gemms(variants: list["Variant"], ids: torch.Tensor, device: str, dtype: torch.dtype,
+                  reps: int = 3) -> dict[str, float]:
+    """Per variant, seconds its step spends in the matrix products the floor does not make (an op
+    on shapes the floor's step never runs): the adapter's products at the rate BLAS reaches on
+    their own shapes (a rank-8 product runs at a fraction of the FFN shape's rate). The base's
+    products, the same in both, are left out, so their noise is too. Median of reps steps."""
+    floor_keys = set(gemm_events(variants[0], ids, device, dtype))
+    return {v.name: statistics.median(
+        sum(t for key, t in gemm_events(v, ids, device, dtype).items() if key not in floor_keys)
+        for _ in range(reps)) for v in variants[1:]}
 
 
 def roofline(layers: list[tuple[int, int]], rate: float, bw: float) -> float:
@@ -444,7 +440,7 @@ def main() -> None:
     gemms = {}
     if args.device == "cpu":  # on CUDA the step waits on the host, not on its kernels (bench/host.py)
         print("matrix products, profiled", file=sys.stderr, flush=True)
-        gemms = {name: t / floor_t for name, t in gemms_beyond_floor(variants, ids, args.device, dtype).items()}
+        gemms = {name: t / floor_t for name, t in adapter_gemms(variants, ids, args.device, dtype).items()}
     where = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     print(f"\n# bench/step.py  {args.model}{' (random init)' if args.random_init else ''}  {args.device} "
           f"{str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}"
