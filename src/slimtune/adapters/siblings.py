@@ -75,11 +75,10 @@ class Siblings:
         members = [m for m in group if m is layer or m.shares_down(x)]
         stack, index, row = [], {}, {}  # the distinct A's, their indices, each member's index
         for m in members:
-            A = m.part("A")  # (r, in)
-            key = (A.data_ptr(), A.shape)
+            key = m.shared_keys.get("A") or id(m)  # a shared A (same_a's notion), or the layer's own
             if key not in index:
                 index[key] = len(stack)
-                stack.append(A)
+                stack.append(m.part("A"))  # (r, in)
             row[id(m)] = index[key]
         A = stack[0] if len(stack) == 1 else torch.cat(stack)  # (R, in), R = r · distinct A's
         a = LowRankDown.apply(x2, A.to(x2.dtype))  # (N, R)
