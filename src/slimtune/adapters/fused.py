@@ -17,8 +17,8 @@ of ∂A and ∂a A.
 
 Dense (`DenseLowRank`, no dropout), keeps x alone and rebuilds ΔW in the backward:
     forward   y = x (W0 + s B̄ Ā)ᵀ + bias
-    backward  G = s · gᵀx (out, in)   GAᵀ = G Aᵀ (out, r) serves B, b and d:
-              ∂B = Λ_b (GAᵀ Λ_d)     ∂b = rowsum(GAᵀ Λ_d ⊙ B)     ∂d = colsum(GAᵀ ⊙ B̄)
+    backward  G = s · gᵀx (out, in)   GAᵀ = G Aᵀ (out, r) serves B, b and d through P = GAᵀ ⊙ B:
+              ∂B = Λ_b (GAᵀ Λ_d)     ∂b = P d     ∂d = Pᵀ b
               ∂A = Λ_d B̄ᵀ G          ∂x = g (W0 + s B̄ Ā)
 """
 
@@ -154,14 +154,15 @@ class DenseLowRank(torch.autograd.Function):
         if any(need[3:7]):
             G = g2.T @ _rows(x)  # ∂ΔW / s (out, in); s is applied to the small products below
             if need[3]:
-                gA = (Bb.T @ G) * (s if d is None else s * d[:, None])  # (r, in)
+                gA = diag_rows(d, _mm(Bb.T, G, False, s, A))  # (r, in)
             if need[4] or need[5] or need[6]:
-                GAt = (G @ A.T) * s  # (out, r)
-                gBb = GAt if d is None else GAt * d  # ∂B̄ (out, r)
+                GAt = _mm(G, A.T, False, s, B)  # s · G Aᵀ (out, r)
                 if need[4]:
-                    gB = diag_rows(b, gBb)
-                if need[6]:
-                    gb = (gBb * B).sum(1)  # (out,)
-                if need[5]:
-                    gd = (GAt * Bb).sum(0)  # (r,)
+                    gB = diag_rows(b, GAt if d is None else GAt * d)  # Λ_b ∂B̄
+                if need[5] or need[6]:
+                    P = GAt * B  # (out, r): one pass serves both vectors
+                    if need[6]:
+                        gb = P.sum(1) if d is None else P @ d  # (out,)
+                    if need[5]:
+                        gd = P.sum(0) if b is None else P.T @ b  # (r,)
         return gx, gW0, gbias, gA, gB, gd, gb, None
