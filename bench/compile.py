@@ -36,7 +36,7 @@ def main() -> None:
             for _ in range(3):
                 v.step(ids, args.device, dtype, memory=False)
             warm = time.perf_counter() - t0
-            v.times.clear()
+            v.forget()
             for _ in range(10):
                 v.step(ids, args.device, dtype, memory=False)
             print(f"{name:12s} {'compiled' if compiled else 'eager':8s} {statistics.median(v.times) * 1e3:7.1f} ms/step"

@@ -53,8 +53,7 @@ def main() -> None:
         for v in variants:
             v.step(ids, "cuda", dtype, memory=False)
             if rnd < 3:
-                v.times.clear()
-                v.queued.clear()
+                v.forget()
     print(f"# bench/host.py  {args.model}{' (random init)' if args.random_init else ''}  {torch.cuda.get_device_name()}"
           f"  {str(dtype).split('.')[-1]}  batch {args.batch} x {args.seq}  torch {torch.__version__}"
           f"  {time.strftime('%Y-%m-%d')}\n")

@@ -304,6 +304,12 @@ class Variant:
         self.ratios: list[float] = []  # step time over the mean of the floor steps either side
         self.mems: list[int] = []
 
+    def forget(self) -> None:
+        """Drop the steps recorded so far (warm-up steps)."""
+        self.times.clear()
+        self.queued.clear()
+        self.mems.clear()
+
     def step(self, ids: torch.Tensor, device: str, dtype: torch.dtype, memory: bool) -> None:
         start_mem = reset_peak(device) if memory else 0
         t0 = time.perf_counter()
@@ -335,9 +341,8 @@ def alternate(variants: list[Variant], ids: torch.Tensor, device: str, dtype: to
             v.ratios.append(v.times[-1] / statistics.mean(floor.times[-2:]))
     if warm_up:
         for v in variants:
-            v.times.clear()
-            v.queued.clear()
-            v.mems.clear()
+            v.forget()
+
 
 def variant(base: nn.Module, name: str, device: str) -> Variant:
     """'floor' (the frozen base), a preset's name (our adapter), or 'peft <method>' (PEFT's)."""

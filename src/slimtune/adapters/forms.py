@@ -4,9 +4,10 @@
     dense:      y = (W0 + s · ΔW) x, ΔW = Λ_b B Λ_d A  ~ r·in·out, plus N·in·out for ∂ΔW to train
 
 At high rank (VeRA's r = 256…1024) the dense form wins for most training-sized batches; at
-LoRA's r = 8 the per-token one always does. Both are fused autograd functions (fused.py),
-which read W0 itself: over a quantised base, or with dropout on the adapter's input while
-training, the layer runs the per-token formula through plain autograd instead.
+LoRA's r = 8 the per-token one always does. Both are fused autograd functions (fused.py)
+that read W0 itself. With dropout on the adapter's input while training, the layer takes the
+per-token form, which reads the dropped-out copy; over a quantised base, whose W0 is never
+materialised, it runs the per-token formula through plain autograd.
 
 Sibling layers that read the same x with the same A (siblings.py) choose together: per
 token they compute a = x Aᵀ once, so its cost is split between them.
