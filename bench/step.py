@@ -37,8 +37,8 @@ told to mmap every large block so that freed tensors leave the RSS. Times are ne
 that process: an mmap and its page faults for every tensor slow the step by ~20 %, and more
 for code that allocates more, which is not the allocator users run. Both are compared with what the adapter must keep for its gradients,
 computed from the shapes: per layer, x if A trains and a = A x (N, r) if d, B or b trains (VeRA
-keeps no x: its A is frozen) on the per-token form, x alone on the dense form,
-plus AdamW's state (grad, exp_avg, exp_avg_sq) for every trained tensor.
+keeps no x: its A is frozen) on the per-token form, x (or a, on "dense-a", and x too if A
+trains) on the dense form, plus AdamW's state (grad, exp_avg, exp_avg_sq) for every trained tensor.
 """
 
 from __future__ import annotations
@@ -117,13 +117,15 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             # Sibling layers (adapters/siblings.py) split their x side: with one A (VeRA) its
             # arithmetic and a itself, with stacked A's (LoRA) the passes over x.
             one_a, group = len(layer.same_a()), len(model.slimtune_shared.siblings.group_of.get(id(layer), (layer,)))
-            per_token, dense_flops = layer.flops(n, training=True, sharing=one_a)
-            dense = layer.use_dense(x)  # the layer's own choice (grad is enabled in this pass)
-            macs = dense_flops if dense else per_token
+            form = layer.form(x)  # the layer's own choice (grad is enabled in this pass)
+            macs = layer.flops(n, training=True, sharing=one_a)[form]
             trains = layer.trained()
-            if dense:  # the fused dense form keeps x alone and rebuilds ΔW in the backward
-                keep_x = True
-                traffic = i * o * (6 + trains["A"])  # W0 read and W written twice, ∂ΔW written, read 1-2 times
+            if form != "per-token":  # the fused dense form keeps x or a and rebuilds ΔW in the backward
+                keep_x = form == "dense" or trains["A"]
+                if form == "dense-a":
+                    act += n * layer.r * elt // one_a
+                # W0 read and W written twice, ∂ΔW written and read 1-2 times (dense-a: if A trains)
+                traffic = i * o * (4 + (2 + trains["A"]) * (form == "dense" or trains["A"]))
             else:
                 keep_x = trains["A"]  # the fused per-token form keeps x for ∂A and a = A x for ∂d, ∂B, ∂b
                 act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"]) // one_a
@@ -403,7 +405,7 @@ def main() -> None:
         if kw:  # the same high rank forced to the per-token form, to show what the choice buys
             forced = copy.deepcopy(model)
             for _, layer in adapter_layers(forced):
-                layer.use_dense = lambda x, parts=None: False
+                layer.form = lambda x, parts=None: "per-token"
             variants.append(Variant(label + " per-token", forced, args.device))
         if not args.no_peft and method in ("lora", "vera", "ia3"):
             variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),

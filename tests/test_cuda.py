@@ -105,19 +105,20 @@ def test_merge_and_save_load_on_cuda(arch, method, tmp_path):
 
 
 def test_forms_agree_on_cuda():
-    """Dense and per-token forms of one layer give the same output and gradients on the GPU."""
+    """The dense, per-token and dense-a forms give the same output and gradients on the GPU."""
     _, model = adapted("llama", "vera")
     model = model.cuda()
     x = to(batch(model), "cuda")
     outs = []
-    for dense in (True, False):
+    for form in ("dense", "per-token", "dense-a"):
         m = clone(model)
         for _, layer in adapter_layers(m):
-            layer.use_dense = lambda x, parts=None, dense=dense: dense
+            layer.form = lambda x, parts=None, form=form: form
         outs.append(loss_and_grads(m, x))
-    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
-    for k in outs[0][1]:
-        torch.testing.assert_close(outs[0][1][k], outs[1][1][k], rtol=1e-3, atol=1e-5, msg=k)
+    for other in outs[1:]:
+        torch.testing.assert_close(other[0], outs[0][0], rtol=1e-4, atol=1e-5)
+        for k in outs[0][1]:
+            torch.testing.assert_close(other[1][k], outs[0][1][k], rtol=1e-3, atol=1e-5, msg=k)
 
 
 def test_trainer_on_cuda_resumes_to_the_same_weights(tiny_dir, tmp_path, monkeypatch):

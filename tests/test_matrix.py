@@ -152,8 +152,8 @@ def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
     x = batch(base)
     params = slimtune.trainable_parameters(model)
     results = []
-    for dense, fusable in ((False, False), (False, True), (True, True)):
-        monkeypatch.setattr(LowRankLinear, "use_dense", lambda self, x, parts=None, d=dense: d)
+    for form, fusable in (("per-token", False), ("per-token", True), ("dense", True), ("dense-a", True)):
+        monkeypatch.setattr(LowRankLinear, "form", lambda self, x, parts=None, f=form: f)
         monkeypatch.setattr(LowRankLinear, "fusable", lambda self, f=fusable: f)
         for p in params.values():
             p.grad = None
@@ -166,20 +166,23 @@ def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
             torch.testing.assert_close(other[1][k], results[0][1][k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method, r, tokens, grad, dense", [
-    ("lora", 4, 512, True, False),  # low rank: the per-token products are far cheaper
-    ("vera", 256, 512, True, True),  # high rank, many tokens: one (out, in) ΔW is cheaper
-    ("vera", 256, 1, False, False),  # generation (one token, no grad): per token again
+@pytest.mark.parametrize("method, r, tokens, grad, form", [
+    ("lora", 4, 512, True, "per-token"),  # low rank: the per-token products are far cheaper
+    ("vera", 4, 512, True, "dense-a"),  # A frozen, many tokens: one (out, in) ΔW, ∂ΔW Aᵀ from a = x Aᵀ
+    ("vera", 64, 512, True, "dense"),  # r above in·out / (in + out): ∂ΔW Aᵀ from G = gᵀx
+    ("tied-lora", 32, 512, True, "dense"),  # A trains: ∂A needs G anyway
+    ("vera", 64, 1, False, "per-token"),  # generation (one token, no grad): per token again
 ])
-def test_each_layer_picks_the_form_with_fewer_multiply_adds(method, r, tokens, grad, dense):
+def test_each_layer_picks_the_form_with_fewer_multiply_adds(method, r, tokens, grad, form):
     base = tiny("llama").requires_grad_(False)
     model = slimtune.add_adapter(clone(base), slimtune.preset(method, r=r, targets=["q_proj"]))
     layer = next(layer for _, layer in adapter_layers(model))
     x = torch.randn(1, tokens, layer.in_features)
-    per_token, dense_flops = layer.flops(tokens, training=grad)
-    assert (dense_flops < per_token) == dense
+    costs = layer.flops(tokens, training=grad)
+    assert min(costs, key=costs.get) == form, costs
+    assert sorted(costs.values())[0] < sorted(costs.values())[1]  # a clear winner, not a tie
     with torch.set_grad_enabled(grad):
-        assert layer.use_dense(x) == dense
+        assert layer.form(x) == form
 
 
 def test_shared_tensors_created_once(arch):
@@ -204,12 +207,21 @@ def _fn_inputs(with_vectors, trained="ABdb"):
     return x, W0, bias, A, B, d, b
 
 
+@pytest.mark.parametrize("trained", ["ABdb", "db", "B", "Ad"])
 @pytest.mark.parametrize("with_vectors", [True, False])
-def test_dense_function_gradients(with_vectors):
-    """The fused dense form's hand-written backward against numerical gradients (float64)."""
+@pytest.mark.parametrize("keep", ["x", "a made", "a given"])
+def test_dense_function_gradients(with_vectors, trained, keep):
+    """The fused dense form's hand-written backward against numerical gradients (float64), for
+    every subset of trained parts, keeping x or a = x Aᵀ (made in the function or passed in by a
+    sibling group, with no gradient through it)."""
     from slimtune.adapters.fused import DenseLowRank
 
-    assert torch.autograd.gradcheck(DenseLowRank.apply, (*_fn_inputs(with_vectors), 0.7))
+    x, W0, bias, A, B, d, b = _fn_inputs(with_vectors, trained)
+
+    def f(x, W0, bias, A, B, d, b):
+        a = (x @ A.T).detach() if keep == "a given" else None
+        return DenseLowRank.apply(x, W0, bias, A, B, d, b, 0.7, keep != "x", a)
+    assert torch.autograd.gradcheck(f, (x, W0, bias, A, B, d, b))
 
 
 @pytest.mark.parametrize("trained", ["ABdb", "db", "B", "Ad"])

@@ -15,11 +15,12 @@ Per token (`PerTokenLowRank`), keeps xa (if A trains) and a = xa Aᵀ (N, r):
 Given a (computed once for a group of sibling layers by `LowRankDown`), it returns ∂a instead
 of ∂A and ∂a A.
 
-Dense (`DenseLowRank`, no dropout), keeps x alone and rebuilds ΔW in the backward:
+Dense (`DenseLowRank`, no dropout), keeps x or a = x Aᵀ (keep_a; given by siblings or made
+here, no gradient through it) and rebuilds ΔW in the backward:
     forward   y = x (W0 + s B̄ Ā)ᵀ + bias
-    backward  G = s · gᵀx (out, in)   GAᵀ = G Aᵀ (out, r) serves B, b and d through P = GAᵀ ⊙ B:
-              ∂B = Λ_b (GAᵀ Λ_d)     ∂b = P d     ∂d = Pᵀ b
-              ∂A = Λ_d B̄ᵀ G          ∂x = g (W0 + s B̄ Ā)
+    backward  G = s · gᵀx (out, in)   GAᵀ = G Aᵀ, or s · gᵀa, (out, r) serves B, b and d through
+              P = GAᵀ ⊙ B:   ∂B = Λ_b (GAᵀ Λ_d)     ∂b = P d     ∂d = Pᵀ b
+              ∂A = Λ_d B̄ᵀ G  (G made only for it when a is kept)     ∂x = g (W0 + s B̄ Ā)
 """
 
 from __future__ import annotations
@@ -131,38 +132,43 @@ class LowRankDown(torch.autograd.Function):
 
 class DenseLowRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W0, bias, A, B, d, b, s: float):
+    def forward(ctx, x, W0, bias, A, B, d, b, s: float, keep_a: bool = False, a=None):
+        need = ctx.needs_input_grad  # x, W0, bias, A, B, d, b, s, keep_a, a
         Ad, Bb = scaled_factors(A, B, d, b)
         W = torch.addmm(W0, Bb, Ad, alpha=s)  # (out, in) = W0 + s·ΔW, freed after the forward
-        ctx.save_for_backward(x, W0, A, B, d, b)
-        ctx.s = s
+        if keep_a and a is None:  # ∂ΔW Aᵀ will be gᵀa: a is made here (siblings pass theirs in)
+            a = _mm(_rows(x), A.T, A.shape[0] < SKINNY_R)  # (N, r)
+        g_of_x = need[1] or need[3] or (not keep_a and any(need[4:7]))  # G = gᵀx is needed
+        ctx.save_for_backward(x if g_of_x else None, _rows(a) if keep_a else None, W0, A, B, d, b)
+        ctx.s, ctx.shape = s, x.shape
         return F.linear(x, W, bias)  # (..., out)
 
     @staticmethod
     def backward(ctx, g):
-        x, W0, A, B, d, b = ctx.saved_tensors
-        s, need = ctx.s, ctx.needs_input_grad  # x, W0, bias, A, B, d, b, s
+        x, a, W0, A, B, d, b = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
         Ad, Bb = scaled_factors(A, B, d, b)
         g2 = _rows(g)  # (N, out)
         gx = gW0 = gbias = gA = gB = gd = gb = None
         if need[0]:
-            gx = (g2 @ torch.addmm(W0, Bb, Ad, alpha=s)).view(x.shape)  # (..., in)
+            gx = (g2 @ torch.addmm(W0, Bb, Ad, alpha=s)).view(ctx.shape)  # (..., in)
         if need[1]:  # a base weight that trains (not slimtune's default)
             gW0 = g2.T @ _rows(x)
         if need[2]:
             gbias = g2.sum(0)
-        if any(need[3:7]):
+        if need[3] or (a is None and any(need[4:7])):
             G = g2.T @ _rows(x)  # ∂ΔW / s (out, in); s is applied to the small products below
             if need[3]:
                 gA = diag_rows(d, _mm(Bb.T, G, False, s, A))  # (r, in)
-            if need[4] or need[5] or need[6]:
-                GAt = _mm(G, A.T, False, s, B)  # s · G Aᵀ (out, r)
-                if need[4]:
-                    gB = diag_rows(b, GAt if d is None else GAt * d)  # Λ_b ∂B̄
-                if need[5] or need[6]:
-                    P = GAt * B  # (out, r): one pass serves both vectors
-                    if need[6]:
-                        gb = P.sum(1) if d is None else P @ d  # (out,)
-                    if need[5]:
-                        gd = P.sum(0) if b is None else P.T @ b  # (r,)
-        return gx, gW0, gbias, gA, gB, gd, gb, None
+        if need[4] or need[5] or need[6]:
+            # s · ∂ΔW Aᵀ (out, r): s · gᵀ (x Aᵀ), from the kept a or from G
+            GAt = _mm(g2.T, a, False, s, B) if a is not None else _mm(G, A.T, False, s, B)
+            if need[4]:
+                gB = diag_rows(b, GAt if d is None else GAt * d)  # Λ_b ∂B̄
+            if need[5] or need[6]:
+                P = GAt * B  # (out, r): one pass serves both vectors
+                if need[6]:
+                    gb = P.sum(1) if d is None else P @ d  # (out,)
+                if need[5]:
+                    gd = P.sum(0) if b is None else P.T @ b  # (r,)
+        return gx, gW0, gbias, gA, gB, gd, gb, None, None, None

@@ -12,9 +12,9 @@ Which of A, B, d, b is absent, trained, tied, random or frozen is data (`LowRank
 this module only resolves each part to a tensor and applies the formula.
 
 Two forms compute it (forms.py picks the one with fewer multiply-adds): per token,
-b ⊙ (B (d ⊙ (A x))), and dense, (W0 + s · ΔW) x; both are autograd functions with hand-written
-backwards (fused.py). Over a quantised base, whose W0 is never materialised, plain autograd
-runs the per-token formula.
+b ⊙ (B (d ⊙ (A x))), and dense, (W0 + s · ΔW) x, whose backward reads x or a = x Aᵀ; all are
+autograd functions with hand-written backwards (fused.py). Over a quantised base, whose W0 is
+never materialised, plain autograd runs the per-token formula.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class LowRankLinear(TwoForms, AdapterLayer):
             else:
                 self.register_buffer(name, tensor, persistent=False)
         self.frozen_names = [n for n, (_, trained) in local.items() if not trained]
-        self._choices: dict[tuple, bool] = {}  # use_dense's answers: the same for every call of a shape
+        self._choices: dict[tuple, str] = {}  # form's answers: the same for every call of a shape
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {n: getattr(self, n) for n in self.trained_names}
@@ -90,14 +90,14 @@ class LowRankLinear(TwoForms, AdapterLayer):
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), Bb.T.to(y.dtype),
                               alpha=self.scale)
             return out.view(y.shape)
-        dense = self.use_dense(x, parts=parts)
+        form = self.form(x, parts=parts)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # the functions compute in autocast's dtype, cast here as autocast would
             with torch.autocast(dev, enabled=False):
-                return self._forms(x, xa, parts, dense, torch.get_autocast_dtype(dev))
-        return self._forms(x, xa, parts, dense, x.dtype)
+                return self._forms(x, xa, parts, form, torch.get_autocast_dtype(dev))
+        return self._forms(x, xa, parts, form, x.dtype)
 
-    def _forms(self, x: torch.Tensor, xa: torch.Tensor | None, parts: list, dense: bool, dtype) -> torch.Tensor:
+    def _forms(self, x: torch.Tensor, xa: torch.Tensor | None, parts: list, form: str, dtype) -> torch.Tensor:
         siblings, a = self._shared[0].siblings, None
         # the adapter reads x itself: layers reading the same x can share a = x Aᵀ (not under
         # torch.compile, whose fusion does that job and which would recompile per layer for it)
@@ -106,10 +106,13 @@ class LowRankLinear(TwoForms, AdapterLayer):
             siblings.observe(self, x)
         xc, W0, bias = _cast(x, dtype), _cast(weight_oi(self.base), dtype), _cast(self.base.bias, dtype)
         A, B, d, b = parts
-        if dense:
+        if form == "dense":
             return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale)
         if share:
             a = siblings.down(self, x, xc.reshape(-1, self.in_features))
+        if form == "dense-a":  # a only stands in for x in ∂ΔW Aᵀ = gᵀa: no gradient flows through it
+            return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale,
+                                      True, None if a is None else a.detach())
         # given a, A's gradient flows through the group's product: A is not even cast
         return PerTokenLowRank.apply(xc, _cast(xa, dtype), W0, bias, None if a is not None else _cast(A, dtype),
                                      _cast(B, dtype), _cast(d, dtype), _cast(b, dtype), self.scale, a)
