@@ -7,8 +7,8 @@
       "dense-a"  keeps a = x Aᵀ (N, r): gᵀa (N·r·out), a made in the forward (N·r·in)
 
 At high rank (VeRA's r = 256…1024) a dense form wins for most training-sized batches; at
-LoRA's r = 8 the per-token one always does. "dense-a" wins where r < in·out / (in + out) and
-A is frozen (VeRA at r = 256); where A trains, ∂A needs G anyway. All are fused autograd
+LoRA's r = 8 the per-token one always does. "dense-a" wins roughly where r < in·out / (in + out)
+and A is frozen (VeRA at r = 256); where A trains, ∂A needs G anyway. All are fused autograd
 functions (fused.py) that read W0 itself. With dropout on the adapter's input while training,
 the layer takes the per-token form, which reads the dropped-out copy; over a quantised base,
 whose W0 is never materialised, it runs the per-token formula through plain autograd.
