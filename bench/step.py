@@ -3,6 +3,10 @@
     python bench/step.py                       # CPU, fp32, batch 4 x 256
     python bench/step.py --device cuda         # on CUDA: a bf16 base, fp32 adapters, bf16 autocast
     python bench/step.py --random-init         # the architecture with random weights (no GGUF needed)
+    python bench/step.py --methods vera --high-rank vera=1024   # one preset, and one at a high rank
+
+Each `--high-rank` preset runs twice: with the form each layer picks (forms.py) and forced
+per token, to show what the choice buys.
 
 Variants run in alternation (`--reps` rounds), with a floor step between every two, so each
 step is divided by the mean of the floor steps either side of it; the median of those paired
@@ -11,7 +15,7 @@ hits a step and its neighbours alike). Each variant is compared with:
 - the floor: the frozen base model, forward and backward with nothing trained (the gradient
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
-  low-rank or dense ΔW), turned into time at the GEMM rate measured on the model's FFN shape
+  low-rank, or dense ΔW with its backward reading x or a = x Aᵀ), turned into time at the GEMM rate measured on the model's FFN shape
   after each round and divided by that round's floor step (median over the rounds: rate and
   floor drift together with the machine's speed);
 - the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
@@ -378,7 +382,9 @@ def main() -> None:
     model_args(ap)
     ap.add_argument("--reps", type=int, default=3, help="rounds over all variants (after one warm-up round)")
     ap.add_argument("--methods", nargs="+", default=["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"])
-    ap.add_argument("--high-rank", type=int, default=1024, help="also VeRA at this rank, auto vs per-token only")
+    ap.add_argument("--high-rank", nargs="*", default=["vera=1024", "tied-lora=256"], metavar="METHOD=R",
+                    help="also these presets at these ranks, each with its form chosen and forced per token "
+                         "(none: leave them out)")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--return-freed-memory", action="store_true",
                     help="time under glibc's default malloc (the trainer keeps freed memory: slimtune.alloc)")
@@ -394,8 +400,12 @@ def main() -> None:
         # bandwidth are measured after every round and paired with that round's floor steps (rounds).
     variants, info = [variant(base, "floor", args.device)], {}
     specs = [(m, {}) for m in args.methods]
-    if args.high_rank:
-        specs.append(("vera", {"r": args.high_rank}))
+    for spec in args.high_rank:
+        method, _, r = spec.partition("=")
+        if not r.isdigit() or method not in slimtune.PRESETS:
+            ap.error(f"--high-rank {spec!r}: expected METHOD=R with METHOD one of {sorted(slimtune.PRESETS)} "
+                     "and R a positive integer, e.g. vera=1024")
+        specs.append((method, {"r": int(r)}))
     for method, kw in specs:
         label = method + (f" r={kw['r']}" if kw else "")
         model = adapted(base, slimtune.preset(method, **kw))
