@@ -166,6 +166,32 @@ def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
             torch.testing.assert_close(other[1][k], results[0][1][k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("form", ["per-token", "dense", "dense-a"])
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_each_form_under_cpu_autocast_keeps_fp32_gradients(method, form, monkeypatch):
+    """A bf16 base with fp32 adapters under bf16 autocast (as the trainer runs one), each form
+    forced: the functions compute in bf16, and the gradients arrive in fp32, close to those of
+    the fp32 model on the per-token form (bf16's 8-bit mantissa: a few % in norm)."""
+    _, model = adapted("llama", method)  # identity init off
+    x = batch(model, B=4, T=16)
+    grads = []
+    for low in (False, True):
+        f = form if low else "per-token"
+        monkeypatch.setattr(LowRankLinear, "form", lambda self, x, parts=None, f=f: f)
+        m = clone(model)
+        if low:
+            m.to(torch.bfloat16)
+            for p in slimtune.trainable_parameters(m).values():
+                p.data = p.data.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            logits(m, x)  # the first forward learns the sibling groups
+            logits(m, x).float().square().mean().backward()
+        grads.append({k: p.grad for k, p in slimtune.trainable_parameters(m).items()})
+    for k, g in grads[1].items():
+        assert g.dtype == torch.float32, k
+        assert (g - grads[0][k]).norm() < 5e-2 * grads[0][k].norm(), k
+
+
 @pytest.mark.parametrize("method, r, tokens, grad, form", [
     ("lora", 4, 512, True, "per-token"),  # low rank: the per-token products are far cheaper
     ("vera", 4, 512, True, "dense-a"),  # A frozen, many tokens: one (out, in) ΔW, ∂ΔW Aᵀ from a = x Aᵀ
