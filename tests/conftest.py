@@ -116,3 +116,12 @@ def make_model_dir(directory, arch: str = "llama", seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return str(make_model_dir(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def split_tokens(monkeypatch, split: bool) -> None:
+    """Make adapters/blas.py split the products over tokens even for a handful of them (3 threads,
+    chunks of 1 token or more), or never."""
+    from slimtune.adapters import blas
+
+    monkeypatch.setattr(blas, "MIN_ROWS", 1 if split else 10**9)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, clone, logits, perturb, tiny, tiny_preset
+from conftest import batch, clone, logits, perturb, split_tokens, tiny, tiny_preset
 
 import slimtune
 from slimtune.adapters.lowrank import LowRankLinear
@@ -233,14 +233,35 @@ def _fn_inputs(with_vectors, trained="ABdb"):
     return x, W0, bias, A, B, d, b
 
 
+@pytest.mark.parametrize("n", [1, 6, 7, 1024])
+@pytest.mark.parametrize("flip", [True, False])
+def test_products_split_over_tokens_equal_plain_ones(n, flip, monkeypatch):
+    """blas.tn (Pᵀ Q) and blas.rows (P Q), split into one chunk of tokens per thread, against
+    plain products, with alpha and in either operand order; n = 7 is not a multiple of 3."""
+    from slimtune.adapters import blas
+
+    split_tokens(monkeypatch, True)
+    g = torch.Generator().manual_seed(0)
+    P, Q, R = (torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 4, generator=g, dtype=torch.float64),
+               torch.randn(5, 3, generator=g, dtype=torch.float64))
+    assert blas.chunks(n, 3, P) == {1: 1, 6: 3, 7: 1, 1024: 2}[n]
+    torch.testing.assert_close(blas.tn(P, Q, flip, 0.7), 0.7 * P.T @ Q)
+    torch.testing.assert_close(blas.tn(P, Q, flip), P.T @ Q)
+    torch.testing.assert_close(blas.rows(P, R, flip, 0.7), 0.7 * P @ R)
+    torch.testing.assert_close(blas.rows(P, R, flip), P @ R)
+
+
 @pytest.mark.parametrize("trained", ["ABdb", "db", "B", "Ad"])
 @pytest.mark.parametrize("with_vectors", [True, False])
 @pytest.mark.parametrize("keep", ["x", "a made", "a given"])
-def test_dense_function_gradients(with_vectors, trained, keep):
+@pytest.mark.parametrize("split", [True, False])
+def test_dense_function_gradients(with_vectors, trained, keep, split, monkeypatch):
     """The fused dense form's hand-written backward against numerical gradients (float64), for
     every subset of trained parts, keeping x or a = x Aᵀ (made in the function or passed in by a
-    sibling group, with no gradient through it)."""
+    sibling group, with no gradient through it), with the products split over tokens or not."""
     from slimtune.adapters.fused import DenseLowRank
+
+    split_tokens(monkeypatch, split)
 
     x, W0, bias, A, B, d, b = _fn_inputs(with_vectors, trained)
 
@@ -254,14 +275,16 @@ def test_dense_function_gradients(with_vectors, trained, keep):
 @pytest.mark.parametrize("with_vectors", [True, False])
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("skinny", [True, False])
-def test_per_token_function_gradients(with_vectors, trained, dropout, skinny, monkeypatch):
+@pytest.mark.parametrize("split", [True, False])
+def test_per_token_function_gradients(with_vectors, trained, dropout, skinny, split, monkeypatch):
     """The fused per-token form against numerical gradients, for every subset of trained parts,
     with the adapter reading x itself or a separate (dropped-out) input, in both operand
-    orders (the one for skinny ranks and the one for the others)."""
-    from slimtune.adapters import fused
+    orders (the one for skinny ranks and the one for the others), split over tokens or not."""
+    from slimtune.adapters import blas
     from slimtune.adapters.fused import PerTokenLowRank
 
-    monkeypatch.setattr(fused, "SKINNY_R", 100 if skinny else 1)  # r = 3 below or above it
+    monkeypatch.setattr(blas, "SKINNY_R", 100 if skinny else 1)  # r = 3 below or above it
+    split_tokens(monkeypatch, split)
     x, W0, bias, A, B, d, b = _fn_inputs(with_vectors, trained)
     xa = (x.detach() * 1.5).requires_grad_() if dropout else None
     assert torch.autograd.gradcheck(PerTokenLowRank.apply, (x, xa, W0, bias, A, B, d, b, 0.7))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, clone, logits, perturb, tiny, tiny_preset
+from conftest import batch, clone, logits, perturb, split_tokens, tiny, tiny_preset
 
 import slimtune
-from slimtune.adapters import fused
+from slimtune.adapters import blas
 from slimtune.adapters.fused import LowRankDown, PerTokenLowRank
 from slimtune.ops import adapter_layers
 
@@ -124,9 +124,12 @@ def test_groups_survive_no_copy_and_dropout_turns_sharing_off(monkeypatch):
 
 @pytest.mark.parametrize("skinny", [True, False])
 @pytest.mark.parametrize("with_vectors", [True, False])
-def test_per_token_function_with_a_given_gradients(skinny, with_vectors, monkeypatch):
-    """PerTokenLowRank fed a = x Aᵀ from LowRankDown, against numerical gradients (float64)."""
-    monkeypatch.setattr(fused, "SKINNY_R", 100 if skinny else 1)
+@pytest.mark.parametrize("split", [True, False])
+def test_per_token_function_with_a_given_gradients(skinny, with_vectors, split, monkeypatch):
+    """PerTokenLowRank fed a = x Aᵀ from LowRankDown, against numerical gradients (float64),
+    with the products split over tokens (adapters/blas.py) or not."""
+    monkeypatch.setattr(blas, "SKINNY_R", 100 if skinny else 1)
+    split_tokens(monkeypatch, split)
     g = torch.Generator().manual_seed(0)
     n, i, o, r = 5, 6, 4, 3
 

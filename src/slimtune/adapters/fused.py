@@ -28,6 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import blas
+from .blas import mm as _mm, rows, tn
+
 
 def diag_rows(v: torch.Tensor | None, M: torch.Tensor) -> torch.Tensor:
     """Λ_v M: M's rows scaled by v; M itself when v is absent."""
@@ -43,23 +46,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., k) -> (N, k)
 
 
-SKINNY_R = 16  # below this rank CPU BLAS runs the per-token products 1.4-4x faster with r as rows; above, slower
-
-
-def _mm(P: torch.Tensor, Q: torch.Tensor, flip: bool, alpha: float = 1.0, like: torch.Tensor | None = None):
-    """alpha · P @ Q, computed as (Qᵀ Pᵀ)ᵀ when flip on the CPU: the same product, the other
-    operand order (cuBLAS takes either at one speed). `like`, any tensor of the product's shape,
-    lets one GEMM apply alpha: addmm with beta = 0 never reads it (documented), so no second
-    pass over the product scales it."""
-    if flip and P.is_cpu:
-        return _mm(Q.T, P.T, False, alpha, None if like is None else like.T).T
-    if alpha == 1.0:
-        return torch.mm(P, Q)
-    if like is None:
-        return torch.mm(P, Q).mul_(alpha)
-    return torch.addmm(like, P, Q, beta=0, alpha=alpha)
-
-
 class PerTokenLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xa, W0, bias, A, B, d, b, s: float, a=None):
@@ -67,7 +53,7 @@ class PerTokenLowRank(torch.autograd.Function):
         x2 = _rows(x)  # (N, in)
         xa2 = x2 if xa is None else _rows(xa)  # (N, in)
         ctx.own_a = a is None  # else a = x Aᵀ came from a sibling group's LowRankDown, which owns ∂A
-        a = _mm(xa2, A.T, A.shape[0] < SKINNY_R) if a is None else _rows(a)  # (N, r)
+        a = _mm(xa2, A.T, A.shape[0] < blas.SKINNY_R) if a is None else _rows(a)  # (N, r)
         Bb = diag_rows(b, B)  # (out, r)
         y = F.linear(x2, W0, bias).addmm_(a if d is None else a * d, Bb.T, alpha=s)  # (N, out)
         ctx.save_for_backward(x2 if need[2] else None, xa2 if need[4] else None,
@@ -82,17 +68,17 @@ class PerTokenLowRank(torch.autograd.Function):
         g2 = _rows(g)  # (N, out)
         gx = gxa = gW0 = gbias = gA = gB = gd = gb = ga = None
         Bb = diag_rows(b, B)  # (out, r)
-        skinny = B.shape[1] < SKINNY_R
+        skinny = B.shape[1] < blas.SKINNY_R
         into_x = need[0] and ctx.xa_is_x and ctx.own_a  # ∂a A joins ∂x
         need_a = not ctx.own_a and need[9]
         if into_x or need[1] or need[4] or need[6] or need_a:
-            ga = _mm(g2, Bb, skinny, s, a)  # ∂(a ⊙ d) (N, r)
+            ga = rows(g2, Bb, skinny, s, a)  # ∂(a ⊙ d) (N, r)
             if need[6]:
                 gd = (ga * a).sum(0)  # (r,)
             if d is not None:
                 ga = ga * d  # ∂a (N, r)
             if need[4]:
-                gA = _mm(ga.T, xa2, not skinny)  # (r, in)
+                gA = tn(ga, xa2, not skinny)  # (r, in)
             if need[1]:
                 gxa = (ga @ A).view(ctx.shape)  # (..., in)
         if need[0]:
@@ -101,7 +87,7 @@ class PerTokenLowRank(torch.autograd.Function):
                 gx.addmm_(ga, A)  # xa is x: its gradient joins the base's in the same buffer
         if need[5] or need[7]:
             ad = a if d is None else a * d  # (N, r)
-            gBb = _mm(g2.T, ad, skinny, s, B)  # ∂B̄ (out, r)
+            gBb = tn(g2, ad, skinny, s, B)  # ∂B̄ (out, r)
             if need[5]:
                 gB = diag_rows(b, gBb)
             if need[7]:
@@ -120,13 +106,13 @@ class LowRankDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A):
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, A)
-        return _mm(x2, A.T, A.shape[0] < SKINNY_R)  # (N, R)
+        return _mm(x2, A.T, A.shape[0] < blas.SKINNY_R)  # (N, R)
 
     @staticmethod
     def backward(ctx, ga):
         x2, A = ctx.saved_tensors
         gx = ga @ A if ctx.needs_input_grad[0] else None  # (N, in)
-        gA = _mm(ga.T, x2, A.shape[0] >= SKINNY_R) if ctx.needs_input_grad[1] else None  # (R, in)
+        gA = tn(ga, x2, A.shape[0] >= blas.SKINNY_R) if ctx.needs_input_grad[1] else None  # (R, in)
         return gx, gA
 
 
@@ -137,7 +123,7 @@ class DenseLowRank(torch.autograd.Function):
         Ad, Bb = scaled_factors(A, B, d, b)
         W = torch.addmm(W0, Bb, Ad, alpha=s)  # (out, in) = W0 + s·ΔW, freed after the forward
         if keep_a and a is None:  # ∂ΔW Aᵀ will be gᵀa: a is made here (siblings pass theirs in)
-            a = _mm(_rows(x), A.T, A.shape[0] < SKINNY_R)  # (N, r)
+            a = _mm(_rows(x), A.T, A.shape[0] < blas.SKINNY_R)  # (N, r)
         g_of_x = need[1] or need[3] or (not keep_a and any(need[4:7]))  # G = gᵀx is needed
         ctx.save_for_backward(x if g_of_x else None, _rows(a) if keep_a else None, W0, A, B, d, b)
         ctx.s, ctx.shape = s, x.shape
@@ -162,7 +148,7 @@ class DenseLowRank(torch.autograd.Function):
                 gA = diag_rows(d, _mm(Bb.T, G, False, s, A))  # (r, in)
         if need[4] or need[5] or need[6]:
             # s · ∂ΔW Aᵀ (out, r): s · gᵀ (x Aᵀ), from the kept a or from G
-            GAt = _mm(g2.T, a, False, s, B) if a is not None else _mm(G, A.T, False, s, B)
+            GAt = tn(g2, a, False, s, B) if a is not None else _mm(G, A.T, False, s, B)
             if need[4]:
                 gB = diag_rows(b, GAt if d is None else GAt * d)  # Λ_b ∂B̄
             if need[5] or need[6]:
