@@ -15,9 +15,9 @@ hits a step and its neighbours alike). Each variant is compared with:
 - the floor: the frozen base model, forward and backward with nothing trained (the gradient
   still flows back to the embeddings, as it must under any adapter);
 - the adapter's own arithmetic: multiply-adds of the form each layer picked (per-token
-  low-rank, or dense ΔW with its backward reading x or a = x Aᵀ), turned into time at the GEMM rate measured on the model's FFN shape
-  after each round and divided by that round's floor step (median over the rounds: rate and
-  floor drift together with the machine's speed);
+  low-rank, or dense ΔW with its backward reading x or a = x Aᵀ), turned into time at the GEMM
+  rate measured on the model's FFN shape after each round and divided by that round's floor
+  step (median over the rounds: rate and floor drift together with the machine's speed);
 - the adapter's roofline: layer by layer, the larger of that arithmetic and the memory traffic
   its products cannot avoid (bytes at a measured copy bandwidth): low-rank products at r = 8
   are bound by reading their (N, in) or (N, out) operand, not by their multiply-adds;

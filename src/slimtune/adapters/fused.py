@@ -46,6 +46,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])  # (..., k) -> (N, k)
 
 
+def _down(x2: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """a = x Aᵀ (N, r) for x's rows (N, in), in the operand order CPU BLAS runs fastest."""
+    return _mm(x2, A.T, A.shape[0] < blas.SKINNY_R)
+
+
 class PerTokenLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xa, W0, bias, A, B, d, b, s: float, a=None):
@@ -53,7 +58,7 @@ class PerTokenLowRank(torch.autograd.Function):
         x2 = _rows(x)  # (N, in)
         xa2 = x2 if xa is None else _rows(xa)  # (N, in)
         ctx.own_a = a is None  # else a = x Aᵀ came from a sibling group's LowRankDown, which owns ∂A
-        a = _mm(xa2, A.T, A.shape[0] < blas.SKINNY_R) if a is None else _rows(a)  # (N, r)
+        a = _down(xa2, A) if a is None else _rows(a)  # (N, r)
         Bb = diag_rows(b, B)  # (out, r)
         y = F.linear(x2, W0, bias).addmm_(a if d is None else a * d, Bb.T, alpha=s)  # (N, out)
         ctx.save_for_backward(x2 if need[2] else None, xa2 if need[4] else None,
@@ -106,7 +111,7 @@ class LowRankDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A):
         ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, A)
-        return _mm(x2, A.T, A.shape[0] < blas.SKINNY_R)  # (N, R)
+        return _down(x2, A)  # (N, R)
 
     @staticmethod
     def backward(ctx, ga):
@@ -123,7 +128,7 @@ class DenseLowRank(torch.autograd.Function):
         Ad, Bb = scaled_factors(A, B, d, b)
         W = torch.addmm(W0, Bb, Ad, alpha=s)  # (out, in) = W0 + s·ΔW, freed after the forward
         if keep_a and a is None:  # ∂ΔW Aᵀ will be gᵀa: a is made here (siblings pass theirs in)
-            a = _mm(_rows(x), A.T, A.shape[0] < blas.SKINNY_R)  # (N, r)
+            a = _down(_rows(x), A)  # (N, r)
         g_of_x = need[1] or need[3] or (not keep_a and any(need[4:7]))  # G = gᵀx is needed
         ctx.save_for_backward(x if g_of_x else None, _rows(a) if keep_a else None, W0, A, B, d, b)
         ctx.s, ctx.shape = s, x.shape
