@@ -129,7 +129,7 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
                 if form == "dense-a":
                     act += n * layer.r * elt // one_a
                 # W0 read and W written twice, ∂ΔW written and read 1-2 times (dense-a: if A trains)
-                traffic = i * o * (4 + (2 + trains["A"]) * (form == "dense" or trains["A"]))
+                traffic = i * o * (4 + (2 + trains["A"]) * keep_x)
             else:
                 keep_x = trains["A"]  # the fused per-token form keeps x for ∂A and a = A x for ∂d, ∂B, ∂b
                 act += n * layer.r * elt * (trains["d"] or trains["B"] or trains["b"]) // one_a

@@ -106,13 +106,11 @@ class LowRankLinear(TwoForms, AdapterLayer):
             siblings.observe(self, x)
         xc, W0, bias = _cast(x, dtype), _cast(weight_oi(self.base), dtype), _cast(self.base.bias, dtype)
         A, B, d, b = parts
-        if form == "dense":
-            return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale)
-        if share:
+        if share and form != "dense":  # "dense" reads x, not a
             a = siblings.down(self, x, xc.reshape(-1, self.in_features))
-        if form == "dense-a":  # a only stands in for x in ∂ΔW Aᵀ = gᵀa: no gradient flows through it
+        if form != "per-token":  # on "dense-a", a only stands in for x in ∂ΔW Aᵀ = gᵀa: no gradient through it
             return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale,
-                                      True, None if a is None else a.detach())
+                                      form == "dense-a", None if a is None else a.detach())
         # given a, A's gradient flows through the group's product: A is not even cast
         return PerTokenLowRank.apply(xc, _cast(xa, dtype), W0, bias, None if a is not None else _cast(A, dtype),
                                      _cast(B, dtype), _cast(d, dtype), _cast(b, dtype), self.scale, a)
