@@ -25,7 +25,7 @@ ARCHS = {
                                                       num_layers=2, num_decoder_layers=2,
                                                       feed_forward_proj="gated-gelu", decoder_start_token_id=0)),
 }
-METHODS = ["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"]
+METHODS = ["lora", "vera", "tied-lora", "tied-lora-ba", "tied-lora-paper", "ia3"]
 SMALL_RANK = {"vera": 16}  # keep VeRA's shared pair small on tiny models
 
 
@@ -82,12 +82,33 @@ def clone(model):
     return copy.deepcopy(model)
 
 
+def layers(model, name=None) -> dict:
+    """{module name: site adapter} of the model's active adapter (or the one named)."""
+    return dict(slimtune.adapters.sites(model, name))
+
+
+def shared(model, name=None):
+    """The adapter's root: its config and the tensors its layers share."""
+    from slimtune.adapters.inject import root
+
+    return root(model, name)
+
+
+@pytest.fixture(params=["fast", "reference"])
+def path(request):
+    """Run a test on the fast path and again on the reference formula (adapters/fast)."""
+    from slimtune.adapters import fast
+
+    with fast.reference(request.param == "reference"):
+        yield request.param
+
+
 def make_tokenizer(directory) -> "object":
     """A small byte-level BPE tokenizer with a ChatML chat template, trained on the demo data (offline)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from slimtune.demo import demo_rows
+    from slimtune.data.demo import demo_rows
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -121,7 +142,7 @@ def tiny_dir(tmp_path_factory):
 def split_tokens(monkeypatch, split: bool) -> None:
     """Make adapters/blas.py split the products over tokens even for a handful of them (3 threads,
     chunks of 1 token or more), or never."""
-    from slimtune.adapters import blas
+    from slimtune.adapters.fast import blas
 
     monkeypatch.setattr(blas, "MIN_ROWS", 1 if split else 10**9)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)

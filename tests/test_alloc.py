@@ -11,7 +11,7 @@ import pytest
 STEPS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from slimtune.alloc import keep_freed_memory
+    from slimtune.train.memory import keep_freed_memory
     assert keep_freed_memory()
 def step():  # a forward's activations: 2-8 MiB blocks, half kept until the step ends; the logits
     kept = [torch.ones(80 * 2**20)]  # 320 MiB: more than the heap holds free, above any mmap threshold
@@ -40,7 +40,7 @@ def test_kept_memory_spares_the_next_steps_page_faults():
 
 
 def test_keep_freed_memory_is_a_no_op_where_it_cannot_apply(monkeypatch):
-    from slimtune import alloc
+    from slimtune.train import memory as alloc
 
     monkeypatch.setattr(alloc.sys, "platform", "darwin")
     assert alloc.keep_freed_memory() is False

@@ -26,7 +26,7 @@ def test_params_reproduces_the_papers(capsys, model, method, rank, expected):
 def test_params_formulas_for_every_shipped_config(capsys):
     # Reference computed here from the configs: LoRA = L * sum r(in + out), VeRA = L * sum (out + r).
     for name in ["llama-2-13b", "llama-3-8b", "smollm2-135m"]:
-        cfg = json.loads((slimtune.models.CONFIGS / f"{name}.json").read_text())
+        cfg = json.loads((slimtune.models.load.CONFIGS / f"{name}.json").read_text())
         h, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
         kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
         shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # (in, out)

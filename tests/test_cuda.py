@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, clone, logits, perturb, tiny, tiny_preset
+from conftest import batch, clone, layers, logits, perturb, tiny, tiny_preset
 
 import slimtune
-from slimtune.ops import adapter_layers
+from slimtune.adapters import fast
+from slimtune.adapters.fast.layer import FastLayer, siblings_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,7 +61,7 @@ def test_fp32_on_cuda_matches_the_cpu(arch, method):
     for k in g_c:
         torch.testing.assert_close(g_g[k], g_c[k], rtol=1e-3, atol=1e-5, msg=k)
     if method != "ia3" and arch != "gpt2":  # siblings shared their down-projection on the GPU too
-        assert gpu.slimtune_shared.siblings.group_of
+        assert siblings_of(next(iter(layers(gpu).values()))).group_of
 
 
 @pytest.mark.parametrize("method", ["lora", "vera", "tied-lora", "ia3"])
@@ -104,17 +105,16 @@ def test_merge_and_save_load_on_cuda(arch, method, tmp_path):
     torch.testing.assert_close(logits(back, xg), before, rtol=0, atol=0)
 
 
-def test_forms_agree_on_cuda():
-    """The dense, per-token and dense-a forms give the same output and gradients on the GPU."""
+def test_forms_agree_on_cuda(monkeypatch):
+    """The reference, dense, per-token and dense-a forms give the same output and gradients on the GPU."""
     _, model = adapted("llama", "vera")
     model = model.cuda()
     x = to(batch(model), "cuda")
-    outs = []
+    with fast.reference():
+        outs = [loss_and_grads(clone(model), x)]
     for form in ("dense", "per-token", "dense-a"):
-        m = clone(model)
-        for _, layer in adapter_layers(m):
-            layer.form = lambda x, parts=None, form=form: form
-        outs.append(loss_and_grads(m, x))
+        monkeypatch.setattr(FastLayer, "form", lambda self, x, parts, f=form: f)
+        outs.append(loss_and_grads(clone(model), x))
     for other in outs[1:]:
         torch.testing.assert_close(other[0], outs[0][0], rtol=1e-4, atol=1e-5)
         for k in outs[0][1]:

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from slimtune import SlimtuneError
-from slimtune.data import IGNORE, Example, load_rows
-from slimtune.prepare import collate, format_example, split, tokenize
+from slimtune.data import IGNORE, Example, collate, format_example, load_rows, tokenize
+from slimtune.data.batches import split
 from conftest import make_tokenizer
 
 BAD = [  # (row as written in a .jsonl line, expected words in its message)

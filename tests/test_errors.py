@@ -9,7 +9,8 @@ import torch
 from conftest import clone, tiny, tiny_preset
 
 import slimtune
-from slimtune.config import LowRankConfig, config_from_dict, to_dict
+from slimtune import LowRankConfig, config_from_dict
+from slimtune.configs import to_dict
 from slimtune.errors import SlimtuneError
 
 
@@ -81,21 +82,32 @@ def test_load_missing_files_and_bad_json(tmp_path):
         slimtune.load_adapter(tiny("llama"), tmp_path)
 
 
-def test_load_peft_adapter_is_named(tmp_path):
+@pytest.mark.parametrize("config, expected", [
+    ({"peft_type": "LOHA", "r": 8, "target_modules": ["q_proj"]}, "peft_type='LOHA': slimtune reads PEFT's"),
+    ({"peft_type": "LORA", "target_modules": ["q_proj"]}, "a PEFT LORA config without 'r'"),
+    ({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "use_dora": True}, "use_dora=True"),
+    ({"format": "something"}, "neither slimtune's adapter format nor PEFT's"),
+    ({"format": "slimtune-adapter"}, "no 'config' section"),
+])
+def test_load_unsupported_or_damaged_configs_is_named(tmp_path, config, expected):
     slimtune.save_adapter(slimtune.add_adapter(tiny("llama"), tiny_preset("lora")), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(SlimtuneError, match="PEFT"):
-        slimtune.load_adapter(tiny("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = tiny("llama")
+    with pytest.raises(SlimtuneError, match=expected):
+        slimtune.load_adapter(model, tmp_path)
+    assert not slimtune.adapter_names(model)
 
 
-def test_load_truncated_tensors(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "tied-lora"])  # PEFT's format, slimtune's
+def test_load_a_file_missing_a_tensor(tmp_path, method):
     from safetensors.torch import load_file, save_file
-    slimtune.save_adapter(slimtune.add_adapter(tiny("llama"), tiny_preset("lora")), tmp_path)
+    slimtune.save_adapter(slimtune.add_adapter(tiny("llama"), tiny_preset(method)), tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    dropped = sorted(tensors)[0]
+    dropped = sorted(k for k in tensors if "down_proj" in k)[0]
     del tensors[dropped]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(SlimtuneError, match=f"tensor '{dropped}'.*missing"):
+    module = dropped.removeprefix("base_model.model.").split(".lora_")[0].rsplit(".", 1)[0]
+    with pytest.raises(SlimtuneError, match=f"tensor '{module}\\.[AB]?.*missing"):
         slimtune.load_adapter(tiny("llama"), tmp_path)
 
 
@@ -112,24 +124,31 @@ def test_non_finite_merge_refused_and_nothing_changed():
 
 
 def test_save_frozen_round_trips(tmp_path):
+    """VeRA's frozen pair is saved (PEFT's save_projection) only when asked, and loads back."""
+    from safetensors.torch import load_file
+
+    from conftest import batch, logits, perturb
     base = tiny("llama")
     model = slimtune.add_adapter(clone(base), slimtune.preset("vera", r=16, save_frozen=True))
+    perturb(model)
     slimtune.save_adapter(model, tmp_path)
-    from safetensors.torch import load_file
-    assert "slimtune_shared.A__model" in load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.vera_A" in load_file(tmp_path / "adapter_model.safetensors")
     plain = slimtune.add_adapter(clone(base), slimtune.preset("vera", r=16))
     slimtune.save_adapter(plain, tmp_path / "plain")
-    assert "slimtune_shared.A__model" not in load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert "base_model.vera_A" not in load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    x = batch(base)
+    assert torch.equal(logits(slimtune.load_adapter(clone(base), tmp_path), x), logits(model, x))
 
 
 def test_config_file_and_flags_give_the_same_config(tmp_path):
     import yaml
 
-    from slimtune.cli import adapter_config, build_parser
+    from slimtune.cli.main import adapter_config, build_parser
     cfg = slimtune.preset("vera", r=64, dropout=0.1)
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    from_file = adapter_config(build_parser().parse_args(["params", "--config", str(tmp_path / "a.yaml")]))
-    from_flags = adapter_config(build_parser().parse_args(["params", "--method", "vera", "--r", "64",
-                                                           "--dropout", "0.1"]))
+    args = build_parser().parse_args(["params", "--config", str(tmp_path / "a.yaml")])
+    from_file = adapter_config(args, "lora", str(tmp_path / "a.yaml"))
+    args = build_parser().parse_args(["params", "--method", "vera", "--r", "64", "--dropout", "0.1"])
+    from_flags = adapter_config(args, "vera", None)
     assert from_file == from_flags == cfg
     assert isinstance(cfg, LowRankConfig)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from slimtune.evaluate import exact_match, final_number, rouge_l
-from slimtune.prepare import Prepared, pack
+from slimtune.data.batches import Prepared, pack
+from slimtune.eval.metrics import exact_match, final_number, rouge_l
 
 
 def naive_rouge_l(pred: str, ref: str) -> float:
@@ -49,4 +49,6 @@ def test_packing_keeps_examples_whole():
     prep = Prepared([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], [[-100, 2, 3], [-100, 5], [-100, -100, 8, 9], [10]])
     packed = pack(prep, max_len=5)
     assert packed.input_ids == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
-    assert packed.labels == [[-100, 2, 3, -100, 5], [-100, -100, 8, 9, 10]]
+    # an example's first label is never predicted, alone or packed: IGNORE (10 starts an example)
+    assert packed.labels == [[-100, 2, 3, -100, 5], [-100, -100, 8, 9, -100]]
+    assert packed.segments == [[0, 0, 0, 1, 1], [0, 0, 0, 0, 1]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slimtune.judge import _field
+from slimtune.eval.judge import _field
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -42,7 +42,7 @@ def llama_server():
     python = os.environ.get("SLIMTUNE_LLAMA_SERVER_PYTHON")
     if not python:
         pytest.skip("opt-in: set SLIMTUNE_LLAMA_SERVER_PYTHON to a Python with llama-cpp-python[server]")
-    from slimtune.models import default_gguf
+    from slimtune.models.load import default_gguf
 
     port = _free_port()
     proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
@@ -66,7 +66,7 @@ def llama_server():
 @pytest.mark.slow
 def test_judge_against_a_real_openai_compatible_server(llama_server, tmp_path):
     import slimtune
-    from slimtune.evaljob import run_eval
+    from slimtune.recipes.evaluate import run_eval
 
     questions = DATA / "vicuna_bench" / "question.jsonl"
     if not questions.is_file():

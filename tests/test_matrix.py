@@ -1,4 +1,5 @@
-"""The property matrix: every method x every tiny architecture.
+"""The property matrix: every method x every tiny architecture, on the fast path and on the
+reference formula (`path`).
 
 Identity init is switched off (`perturb`) wherever a check could otherwise pass because the
 adapter does nothing at init.
@@ -8,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, clone, logits, perturb, split_tokens, tiny, tiny_preset
+from conftest import batch, clone, layers, logits, perturb, shared, split_tokens, tiny, tiny_preset
 
 import slimtune
-from slimtune.adapters.lowrank import LowRankLinear
-from slimtune.ops import adapter_layers, adapter_modules
+from slimtune.adapters import fast
+from slimtune.adapters.fast.layer import FastLayer
+from slimtune.adapters.protocol import AdapterHost
 
 
 def adapted(arch, method, identity: bool = False):
@@ -23,20 +25,20 @@ def adapted(arch, method, identity: bool = False):
     return base, model
 
 
-def test_init_equals_base(arch, method):
+def test_init_equals_base(arch, method, path):
     base, model = adapted(arch, method, identity=True)
     x = batch(base)
     torch.testing.assert_close(logits(model, x), logits(base, x), atol=1e-6, rtol=0)
 
 
-def test_adapter_changes_output_once_perturbed(arch, method):
+def test_adapter_changes_output_once_perturbed(arch, method, path):
     # guards every other check against an adapter that silently does nothing
     base, model = adapted(arch, method)
     x = batch(base)
     assert (logits(model, x) - logits(base, x)).abs().max() > 1e-3
 
 
-def test_disabled_equals_base(arch, method):
+def test_disabled_equals_base(arch, method, path):
     base, model = adapted(arch, method)
     x = batch(base)
     with slimtune.disable_adapters(model):
@@ -44,7 +46,7 @@ def test_disabled_equals_base(arch, method):
     assert (logits(model, x) - logits(base, x)).abs().max() > 1e-3  # re-enabled on exit
 
 
-def test_adapted_model_moves_with_to(arch, method):
+def test_adapted_model_moves_with_to(arch, method, path):
     base, model = adapted(arch, method)
     x = batch(base)
     before = logits(model, x)
@@ -53,7 +55,7 @@ def test_adapted_model_moves_with_to(arch, method):
 
 
 @torch.no_grad()
-def test_merged_equals_unmerged(arch, method):
+def test_merged_equals_unmerged(arch, method, path):
     base, model = adapted(arch, method)
     x = batch(base)
     before = logits(model, x)
@@ -69,7 +71,7 @@ def test_merged_equals_unmerged(arch, method):
 
 
 @torch.no_grad()
-def test_merged_state_dict_is_pure_and_loads_into_base(arch, method):
+def test_merged_state_dict_is_pure_and_loads_into_base(arch, method, path):
     base, model = adapted(arch, method)
     x = batch(base)
     logits(model, x)  # the first forward learns which layers share an input (siblings.py)
@@ -83,12 +85,13 @@ def test_merged_state_dict_is_pure_and_loads_into_base(arch, method):
 
 
 @torch.no_grad()
-def test_merge_and_unload_leaves_the_plain_base_with_the_merged_weights(arch, method):
+def test_merge_and_unload_leaves_the_plain_base_with_the_merged_weights(arch, method, path):
     base, model = adapted(arch, method)
     x = batch(base)
     expected, merged = logits(model, x), slimtune.merged_state_dict(model)
     plain = slimtune.merge_and_unload(model)
-    assert not list(adapter_modules(plain)) and slimtune.get_config(plain) is None
+    assert not slimtune.adapter_names(plain) and slimtune.get_config(plain) is None
+    assert not any(isinstance(m, AdapterHost) for m in plain.modules())
     assert {k: type(m) for k, m in plain.named_modules()} == {k: type(m) for k, m in base.named_modules()}
     state = plain.state_dict()
     assert set(state) == set(merged)
@@ -98,7 +101,7 @@ def test_merge_and_unload_leaves_the_plain_base_with_the_merged_weights(arch, me
     slimtune.add_adapter(plain, tiny_preset(method))  # a plain model again: it takes a new adapter
 
 
-def test_save_load_round_trip_bit_exact(arch, method, tmp_path):
+def test_save_load_round_trip_bit_exact(arch, method, path, tmp_path):
     base, model = adapted(arch, method)
     x = batch(base)
     slimtune.save_adapter(model, tmp_path)
@@ -117,14 +120,14 @@ def test_only_declared_tensors_require_grad(arch, method):
         assert p.requires_grad == (id(p) in declared), name
 
 
-def test_every_trained_tensor_gets_a_gradient(arch, method):
+def test_every_trained_tensor_gets_a_gradient(arch, method, path):
     base, model = adapted(arch, method)
     logits(model, batch(base)).square().mean().backward()
     for name, p in slimtune.trainable_parameters(model).items():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_real_init_trains_every_part(arch, method):
+def test_real_init_trains_every_part(arch, method, path):
     # From the paper's init (delta W = 0), two SGD steps move every trained tensor:
     # no pair of zero factors blocks each other's gradient.
     base, model = adapted(arch, method, identity=True)
@@ -145,25 +148,59 @@ def test_real_init_trains_every_part(arch, method):
         assert p.grad.abs().sum() > 0, k
 
 
-@pytest.mark.parametrize("method", ["lora", "vera", "tied-lora", "tied-lora-ba"])
-def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
-    """The two fused functions and plain autograd through the formula (the quantised-base path)."""
+LOWRANK = ["lora", "vera", "tied-lora", "tied-lora-ba", "tied-lora-paper"]
+
+
+def _loss_and_grads(model, x):
+    params = slimtune.trainable_parameters(model)
+    for p in params.values():
+        p.grad = None
+    out = logits(model, x)
+    out.square().mean().backward()
+    return out.detach(), {k: p.grad.clone() for k, p in params.items()}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fast_path_equals_the_reference(arch, method, training):
+    """The fused forms, sibling sharing and BLAS order against the plain formula: outputs and
+    every gradient, on a second forward (when sibling groups are known), with adapter dropout
+    drawing the same masks on both paths when training."""
+    if method == "ia3":
+        pytest.skip("(IA)3 has no fast path")
+    base = tiny(arch).requires_grad_(False)
+    cfg = tiny_preset(method)
+    model = slimtune.add_adapter(clone(base), slimtune.preset(method, r=cfg.r, dropout=0.1 if training else 0.0))
+    perturb(model)
+    model.train(training)
+    x = batch(base)
+    results = []
+    assert not any("_fast" in site.__dict__ for site in layers(model).values())
+    for reference in (True, False):
+        with fast.reference(reference):
+            logits(model, x)  # the first forward learns the sibling groups
+            torch.manual_seed(0)
+            results.append(_loss_and_grads(model, x))
+    (ref_out, ref_g), (out, g) = results
+    assert all("_fast" in site.__dict__ for site in layers(model).values())  # the fast path really ran
+    assert (ref_out - logits(base, x)).abs().max() > 1e-3  # the adapter acts
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for k in ref_g:
+        torch.testing.assert_close(g[k], ref_g[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("method", LOWRANK)
+def test_every_form_agrees_with_the_reference(arch, method, monkeypatch):
+    """Each of the fast path's forms, forced on every layer, against the reference formula."""
     base, model = adapted(arch, method)
     x = batch(base)
-    params = slimtune.trainable_parameters(model)
-    results = []
-    for form, fusable in (("per-token", False), ("per-token", True), ("dense", True), ("dense-a", True)):
-        monkeypatch.setattr(LowRankLinear, "form", lambda self, x, parts=None, f=form: f)
-        monkeypatch.setattr(LowRankLinear, "fusable", lambda self, f=fusable: f)
-        for p in params.values():
-            p.grad = None
-        out = logits(model, x)
-        out.square().mean().backward()
-        results.append((out.detach(), {k: p.grad.clone() for k, p in params.items()}))
-    for other in results[1:]:
-        torch.testing.assert_close(other[0], results[0][0], atol=1e-5, rtol=1e-5)
-        for k in params:
-            torch.testing.assert_close(other[1][k], results[0][1][k], atol=1e-5, rtol=1e-4)
+    with fast.reference():
+        expected = _loss_and_grads(model, x)
+    for form in ("per-token", "dense", "dense-a"):
+        monkeypatch.setattr(FastLayer, "form", lambda self, x, parts, f=form: f)
+        out, grads = _loss_and_grads(model, x)
+        torch.testing.assert_close(out, expected[0], atol=1e-5, rtol=1e-5, msg=form)
+        for k in grads:
+            torch.testing.assert_close(grads[k], expected[1][k], atol=1e-5, rtol=1e-4, msg=f"{form} {k}")
 
 
 @pytest.mark.parametrize("form", ["per-token", "dense", "dense-a"])
@@ -171,19 +208,18 @@ def test_dense_per_token_and_plain_forms_agree(arch, method, monkeypatch):
 def test_each_form_under_cpu_autocast_keeps_fp32_gradients(method, form, monkeypatch):
     """A bf16 base with fp32 adapters under bf16 autocast (as the trainer runs one), each form
     forced: the functions compute in bf16, and the gradients arrive in fp32, close to those of
-    the fp32 model on the per-token form (bf16's 8-bit mantissa: a few % in norm)."""
+    the fp32 model on the reference (bf16's 8-bit mantissa: a few % in norm)."""
     _, model = adapted("llama", method)  # identity init off
     x = batch(model, B=4, T=16)
+    monkeypatch.setattr(FastLayer, "form", lambda self, x, parts, f=form: f)
     grads = []
     for low in (False, True):
-        f = form if low else "per-token"
-        monkeypatch.setattr(LowRankLinear, "form", lambda self, x, parts=None, f=f: f)
         m = clone(model)
         if low:
             m.to(torch.bfloat16)
             for p in slimtune.trainable_parameters(m).values():
                 p.data = p.data.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), fast.reference(not low):
             logits(m, x)  # the first forward learns the sibling groups
             logits(m, x).float().square().mean().backward()
         grads.append({k: p.grad for k, p in slimtune.trainable_parameters(m).items()})
@@ -202,24 +238,25 @@ def test_each_form_under_cpu_autocast_keeps_fp32_gradients(method, form, monkeyp
 def test_each_layer_picks_the_form_with_fewer_multiply_adds(method, r, tokens, grad, form):
     base = tiny("llama").requires_grad_(False)
     model = slimtune.add_adapter(clone(base), slimtune.preset(method, r=r, targets=["q_proj"]))
-    layer = next(layer for _, layer in adapter_layers(model))
-    x = torch.randn(1, tokens, layer.in_features)
-    costs = layer.flops(tokens, training=grad)
+    site = next(iter(layers(model).values()))
+    record = FastLayer.of(site)
+    x = torch.randn(1, tokens, site.in_features)
+    costs = record.flops(tokens, grad, record.trained(site.parts()))
     assert min(costs, key=costs.get) == form, costs
     assert sorted(costs.values())[0] < sorted(costs.values())[1]  # a clear winner, not a tie
     with torch.set_grad_enabled(grad):
-        assert layer.form(x) == form
+        assert record.form(x, site.parts()) == form
 
 
 def test_shared_tensors_created_once(arch):
     base = tiny(arch)
     model = slimtune.add_adapter(clone(base), tiny_preset("vera"))
-    shared = model.slimtune_shared
-    assert sorted(shared.frozen_names) == ["A__model", "B__model"]
-    largest_in = max(layer.in_features for _, layer in adapter_layers(model))
-    assert shared.A__model.shape[1] == largest_in
-    for _, layer in adapter_layers(model):
-        assert layer.part("A").data_ptr() == shared.A__model.data_ptr()  # a view, not a copy
+    root = shared(model)
+    assert sorted(root.frozen_tensors()) == ["A__model", "B__model"]
+    largest_in = max(site.in_features for site in layers(model).values())
+    assert root.A__model.shape[1] == largest_in
+    for site in layers(model).values():
+        assert site.part("A").data_ptr() == root.A__model.data_ptr()  # a view, not a copy
 
 
 def _fn_inputs(with_vectors, trained="ABdb"):
@@ -238,7 +275,7 @@ def _fn_inputs(with_vectors, trained="ABdb"):
 def test_products_split_over_tokens_equal_plain_ones(n, flip, monkeypatch):
     """blas.tn (Pᵀ Q) and blas.rows (P Q), split into one chunk of tokens per thread, against
     plain products, with alpha and in either operand order; n = 7 is not a multiple of 3."""
-    from slimtune.adapters import blas
+    from slimtune.adapters.fast import blas
 
     split_tokens(monkeypatch, True)
     g = torch.Generator().manual_seed(0)
@@ -259,7 +296,7 @@ def test_dense_function_gradients(with_vectors, trained, keep, split, monkeypatc
     """The fused dense form's hand-written backward against numerical gradients (float64), for
     every subset of trained parts, keeping x or a = x Aᵀ (made in the function or passed in by a
     sibling group, with no gradient through it), with the products split over tokens or not."""
-    from slimtune.adapters.fused import DenseLowRank
+    from slimtune.adapters.fast.fused import DenseLowRank
 
     split_tokens(monkeypatch, split)
 
@@ -280,8 +317,8 @@ def test_per_token_function_gradients(with_vectors, trained, dropout, skinny, sp
     """The fused per-token form against numerical gradients, for every subset of trained parts,
     with the adapter reading x itself or a separate (dropped-out) input, in both operand
     orders (the one for skinny ranks and the one for the others), split over tokens or not."""
-    from slimtune.adapters import blas
-    from slimtune.adapters.fused import PerTokenLowRank
+    from slimtune.adapters.fast import blas
+    from slimtune.adapters.fast.fused import PerTokenLowRank
 
     monkeypatch.setattr(blas, "SKINNY_R", 100 if skinny else 1)  # r = 3 below or above it
     split_tokens(monkeypatch, split)

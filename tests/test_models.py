@@ -10,7 +10,7 @@ import torch
 
 import slimtune
 from slimtune.errors import SlimtuneError
-from slimtune.models import convert_default, default_gguf
+from slimtune.models.load import convert_default, default_gguf
 
 
 def _has_gguf() -> bool:

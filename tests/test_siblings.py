@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, clone, logits, perturb, split_tokens, tiny, tiny_preset
+from conftest import batch, clone, layers, logits, perturb, split_tokens, tiny, tiny_preset
 
 import slimtune
-from slimtune.adapters import blas
-from slimtune.adapters.fused import LowRankDown, PerTokenLowRank
-from slimtune.ops import adapter_layers
+from slimtune.adapters.fast import blas
+from slimtune.adapters.fast.fused import LowRankDown, PerTokenLowRank
+from slimtune.adapters.fast.layer import FastLayer, siblings_of
 
 LOWRANK = ["lora", "vera", "tied-lora", "tied-lora-ba"]
 # Which layers read the same input, by architecture, for 2 blocks (T5: 2 encoder, 2 decoder).
@@ -26,11 +26,11 @@ EXPECTED = {
 
 
 def siblings(model):
-    return model.slimtune_shared.siblings
+    return siblings_of(next(iter(layers(model).values())))
 
 
 def groups(model) -> list[set[str]]:
-    names = {id(m): n.rsplit(".", 1)[-1] for n, m in adapter_layers(model)}
+    names = {id(FastLayer.of(m)): n.rsplit(".", 1)[-1] for n, m in layers(model).items()}
     found = {id(g): g for g in siblings(model).group_of.values()}
     return [{names[id(m)] for m in g} for g in found.values()]
 
@@ -100,9 +100,10 @@ def test_a_member_called_with_another_input_computes_its_own():
     x = batch(base)
     out0, grads0 = step(model, x)
     attn = model.model.layers[0].self_attn
-    wrong = (attn.q_proj, attn.o_proj)  # o reads the attention's output, not q's input
+    q, o = (FastLayer.of(m.adapters["default"]) for m in (attn.q_proj, attn.o_proj))
+    wrong = (q, o)  # o reads the attention's output, not q's input
     sib = siblings(model)
-    sib.group_of[id(attn.q_proj)] = sib.group_of[id(attn.o_proj)] = wrong
+    sib.group_of[id(q)] = sib.group_of[id(o)] = wrong
     out1, grads1 = step(model, x)
     torch.testing.assert_close(out1, out0, atol=1e-5, rtol=0)
     for name, g in grads0.items():
@@ -151,15 +152,16 @@ def test_siblings_with_one_A_choose_their_form_together():
     model = slimtune.add_adapter(tiny("llama"), slimtune.preset("vera", r=12))
     x = batch(model, T=24)
     logits(model, x)  # learn the groups
-    layers = dict(adapter_layers(model))
-    qkv = [layers[f"model.layers.0.self_attn.{n}_proj"] for n in "qkv"]
+    sites = layers(model)
+    qkv = [FastLayer.of(sites[f"model.layers.0.self_attn.{n}_proj"]) for n in "qkv"]
     assert all(m.same_a() == tuple(qkv) for m in qkv)
-    h = torch.randn(1, 24, qkv[0].in_features)
-    costs = [m.flops(24, True, sharing=3) for m in qkv]
+    h = torch.randn(1, 24, qkv[0].i)
+    trains = qkv[0].trained(qkv[0].site.parts())
+    costs = [m.flops(24, True, trains, sharing=3) for m in qkv]
     total = {f: sum(c[f] for c in costs) for f in costs[0]}
     together = min(total, key=total.get)
-    assert [m.form(h) for m in qkv] == [together] * 3
-    own = [m.flops(24, True) for m in qkv]
+    assert [m.form(h, m.site.parts()) for m in qkv] == [together] * 3
+    own = [m.flops(24, True, trains) for m in qkv]
     assert [min(c, key=c.get) for c in own] != [together] * 3  # the case where choosing together matters
 
 

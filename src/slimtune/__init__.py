@@ -4,33 +4,33 @@
     model = slimtune.load_model()                       # SmolLM2-135M-Instruct
     slimtune.add_adapter(model, slimtune.preset("vera"))
     print(slimtune.count_parameters(model))
+
+This module is the package's face for users: library code never imports it. The layers, from
+the bottom: errors and configs, models, adapters, formats, data, eval, train, recipes, cli
+(docs/architecture.md).
 """
 
-__version__ = "0.1.0"
-
-from .config import EvalConfig, IA3Config, LowRankConfig, Part, TrainConfig, config_from_dict  # noqa: E402
-from .errors import SlimtuneError  # noqa: E402
-from .inject import add_adapter, get_config  # noqa: E402
-from .io import load_adapter, save_adapter  # noqa: E402
-from .models import DEFAULT_MODEL, build_on_meta, load_model, load_tokenizer  # noqa: E402
-from .ops import (  # noqa: E402
-    count_parameters,
-    disable_adapters,
-    merge_adapters,
-    merge_and_unload,
-    merged_state_dict,
-    set_trainable,
-    trainable_parameters,
-    unmerge_adapters,
-)
-from .presets import PRESETS, preset  # noqa: E402
-from .job import run_training  # noqa: E402
-from .evaljob import run_eval  # noqa: E402
+from .adapters import (AdapterConfig, AdapterRoot, AuxLoss, IA3Config, LowRankConfig, Method, Part, SiteAdapter,
+                       active_adapter, add_adapter, adapter_names, config_from_dict, count_parameters,
+                       delete_adapter, disable_adapters, get_config, merge_adapters, merge_and_unload,
+                       merged_state_dict, param_groups, preset, register_method, register_preset,
+                       set_active_adapter, set_trainable, trainable_parameters, unmerge_adapters)
+from .adapters.registry import ALIASES, PRESETS
+from .errors import SlimtuneError
+from .eval.config import EvalConfig, GenerateConfig
+from .formats import export_peft_lora, load_adapter, save_adapter
+from .models import DEFAULT_MODEL, build_on_meta, load_model, load_tokenizer
+from .recipes.evaluate import run_eval
+from .recipes.train import run_training
+from .train.config import TrainConfig
+from .version import __version__
 
 __all__ = [
-    "IA3Config", "LowRankConfig", "Part", "config_from_dict", "add_adapter", "get_config", "load_adapter",
-    "save_adapter", "DEFAULT_MODEL", "build_on_meta", "load_model", "load_tokenizer", "count_parameters",
-    "disable_adapters", "merge_adapters", "merge_and_unload", "merged_state_dict", "set_trainable",
-    "trainable_parameters", "unmerge_adapters", "PRESETS", "preset", "SlimtuneError", "TrainConfig", "EvalConfig", "run_training",
-    "run_eval",
+    "ALIASES", "AdapterConfig", "AdapterRoot", "AuxLoss", "DEFAULT_MODEL", "EvalConfig", "GenerateConfig",
+    "IA3Config", "LowRankConfig", "Method", "PRESETS", "Part", "SiteAdapter", "SlimtuneError", "TrainConfig",
+    "__version__", "active_adapter", "add_adapter", "adapter_names", "build_on_meta", "config_from_dict",
+    "count_parameters", "delete_adapter", "disable_adapters", "export_peft_lora", "get_config", "load_adapter",
+    "load_model", "load_tokenizer", "merge_adapters", "merge_and_unload", "merged_state_dict", "param_groups",
+    "preset", "register_method", "register_preset", "run_eval", "run_training", "save_adapter",
+    "set_active_adapter", "set_trainable", "trainable_parameters", "unmerge_adapters",
 ]

@@ -2,66 +2,135 @@
 
     h = W0 x + s · Λ_b B Λ_d A x          A: (r, in)   B: (out, r)   d: (r,)   b: (out,)
 
-- LoRA (Hu et al., 2021, arXiv:2106.09685): A, B per layer and trained; d, b absent; s = α/r.
+- LoRA (Hu et al., 2021, arXiv:2106.09685): A, B per layer and trained; d, b absent; s = α/r
+  (rsLoRA, Kalajdzievski 2023: s = α/√r).
 - VeRA (Kopiczko et al., ICLR 2024, arXiv:2310.11454): A, B one frozen random pair for the
   whole model, sized to the largest layer and sliced; d, b per layer and trained; s = 1.
 - Tied-LoRA (Renduchintala et al., NAACL 2024, arXiv:2311.09578): A, B tied across layers
-  of one kind and trained; d (the paper's u) and b (its v) trained per layer or absent.
+  and trained; d (the paper's u) and b (its v) trained per layer, or absent.
 
-Which of A, B, d, b is absent, trained, tied, random or frozen is data (`LowRankConfig`);
-this module only resolves each part to a tensor and applies the formula.
-
-Two forms compute it (forms.py picks the one with fewer multiply-adds): per token,
-b ⊙ (B (d ⊙ (A x))), and dense, (W0 + s · ΔW) x, whose backward reads x or a = x Aᵀ; all are
-autograd functions with hand-written backwards (fused.py). Over a quantised base, whose W0 is
-never materialised, plain autograd runs the per-token formula.
+Which of A, B, d, b is absent, trained, tied, random or frozen is data (`Part`); this file
+resolves each part to a tensor and applies the formula. `LowRankLinear.forward` is the
+reference, in plain autograd; the fast path (adapters/fast/) computes the same thing with
+fused functions where it applies, and the tests hold the two equal.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..targets import weight_oi
-from .base import AdapterLayer, SharedTensors
-from .forms import TwoForms
-from .fused import DenseLowRank, PerTokenLowRank, diag_rows, scaled_factors
+from ..configs import field
+from ..errors import Problems, did_you_mean
+from ..models.layers import block, dims, get_module, kind
+from . import fast
+from .protocol import AdapterRoot, SiteAdapter, init_tensor
+from .registry import AdapterConfig, Method, register_method, register_preset
+from .targets import match_targets
+
+MODES = ("absent", "trained", "tied", "random", "frozen")
+INITS = ("zeros", "ones", "kaiming_uniform", "he_uniform", "normal")
+SHARES = ("kind", "model", "block")
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+@dataclass
+class Part:
+    """One factor of h = W0 x + s · Λ_b B Λ_d A x."""
+
+    mode: str = field("absent", "absent (identity) | trained (per layer) | tied (shared, trained) | "
+                      "random (shared, frozen, regenerated from the seed) | frozen (per layer, frozen at init)")
+    init: str | float = field("zeros", "zeros | ones | kaiming_uniform (nn.Linear default, bound 1/sqrt(fan_in); "
+                              "LoRA) | he_uniform (bound sqrt(6/fan_in); VeRA) | normal (std 0.02) | a number")
+    share: str = field("kind", "for tied/random: 'kind' = one tensor per module kind (all q_proj share one), "
+                       "'model' = one for every targeted layer, 'block' = one per transformer block; "
+                       "sized to the largest layer that uses it and sliced")
 
 
-class LowRankLinear(TwoForms, AdapterLayer):
-    def __init__(self, base: nn.Module, config, shared: SharedTensors, shared_keys: dict[str, str],
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """The low-rank family h = W0 x + s · Λ_b B Λ_d A x (LoRA, VeRA, Tied-LoRA)."""
+
+    method: str = field("lowrank", "adapter family")
+    preset: str = field("custom", "the preset this config came from (informational)")
+    r: int = field(8, "rank r of A (r x in) and B (out x r)")
+    alpha: float | None = field(16.0, "scale s = alpha / r (alpha / sqrt(r) with rslora); null gives s = 1")
+    rslora: bool = field(False, "rank-stabilised scaling s = alpha / sqrt(r) (rsLoRA)")
+    A: Part = field(Part("trained", "kaiming_uniform"), "the down-projection A (r x in)")
+    B: Part = field(Part("trained", "zeros"), "the up-projection B (out x r)")
+    d: Part = field(Part("absent", "ones"), "the r-vector scaling A x (VeRA's d, Tied-LoRA's u)")
+    b: Part = field(Part("absent", "ones"), "the out-vector scaling B (.) (VeRA's b, Tied-LoRA's v)")
+    targets: list[str] = field(["all-linear"], "module-name patterns; 'all-linear' = every linear layer but the "
+                               "LM head; 'attention-input' = q, k, v")
+    dropout: float = field(0.0, "dropout on the adapter's input x")
+    seed: int = field(0, "seed of the random and frozen tensors (regenerated from it on load)")
+    save_frozen: bool = field(False, "also save frozen tensors instead of regenerating them from the seed")
+
+    @property
+    def scale(self) -> float:
+        if self.alpha is None:
+            return 1.0
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    def problems(self, p: Problems) -> None:
+        if self.r <= 0:
+            p.add(f"r={self.r}", "the rank must be a positive integer", "use e.g. r=8")
+        if not 0.0 <= self.dropout < 1.0:
+            p.add(f"dropout={self.dropout}", "dropout is a probability in [0, 1)", "use e.g. 0.0 or 0.1")
+        if not self.targets:
+            p.add("targets=[]", "no module would be adapted", "use ['all-linear'] or module names")
+        present = {}
+        for name in "ABdb":
+            part: Part = getattr(self, name)
+            if part.mode not in MODES:
+                p.add(f"{name}.mode={part.mode!r}", "unknown mode" + did_you_mean(part.mode, MODES),
+                      f"use one of {MODES}")
+            if isinstance(part.init, str) and part.init not in INITS:
+                p.add(f"{name}.init={part.init!r}", "unknown init" + did_you_mean(part.init, INITS),
+                      f"use one of {INITS} or a number")
+            if part.share not in SHARES:
+                p.add(f"{name}.share={part.share!r}", "unknown sharing", f"use one of {SHARES}")
+            if part.mode != "absent":
+                present[name] = part
+        for name in "AB":
+            if name not in present:
+                p.add(f"{name}.mode='absent'", "A and B carry the rank; the formula needs both",
+                      "use trained/tied/random")
+        zeros = [n for n, q in present.items() if q.init == "zeros" or (not isinstance(q.init, str) and q.init == 0)]
+        if not any(q.mode in ("trained", "tied") for q in present.values()):
+            p.add("all parts frozen", "nothing would train", "make at least one of A, B, d, b 'trained' or 'tied'")
+        if not zeros:
+            p.add("no zero-initialised part", "delta W would not be 0 at step 0, so the model would not start as "
+                  "the base", "initialise exactly one trained part to zeros (LoRA: B, VeRA: b)")
+        elif len(zeros) > 1:
+            p.add(f"zero-initialised parts {zeros}", "with two zero factors every gradient of both vanishes: "
+                  "they never move", "initialise only one of them to zeros (e.g. B random, b = 0)")
+        elif present[zeros[0]].mode not in ("trained", "tied"):
+            p.add(f"{zeros[0]}.init=zeros with mode {present[zeros[0]].mode!r}", "a frozen zero keeps delta W = 0 "
+                  "forever", "train the zero-initialised part")
+
+
+class LowRankLinear(SiteAdapter):
+    """h = W0 x + s · Λ_b B Λ_d A x around one linear layer (nn.Linear or GPT-2's Conv1D)."""
+
+    def __init__(self, base: nn.Module, config: LowRankConfig, root: AdapterRoot, shared_keys: dict[str, str],
                  local: dict[str, tuple[torch.Tensor, bool]]):
-        super().__init__(base)
+        super().__init__(root)
+        self.in_features, self.out_features = dims(base)
         self.r, self.scale = config.r, config.scale
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self._shared = (shared,)  # a tuple, so the model-level module is not registered twice
-        self.shared_keys = shared_keys  # part name -> name in SharedTensors
-        self.trained_names = [n for n, (_, trained) in local.items() if trained]
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.shared_keys = shared_keys  # part name -> the root's tensor
         for name, (tensor, trained) in local.items():  # per-layer parts
-            if trained:
-                self.register_parameter(name, nn.Parameter(tensor))
-            else:
-                self.register_buffer(name, tensor, persistent=False)
-        self.frozen_names = [n for n, (_, trained) in local.items() if not trained]
-        self._choices: dict[tuple, str] = {}  # form's answers: the same for every call of a shape
-
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        return {n: getattr(self, n) for n in self.trained_names}
-
-    def frozen_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: getattr(self, n) for n in self.frozen_names}
+            self.declare(name, tensor, ("matrix" if tensor.dim() == 2 else "vector") if trained else None)
 
     def part(self, name: str) -> torch.Tensor | None:
         """A, B, d or b for this layer: its own tensor, a slice of a shared one, or None (absent)."""
         key = self.shared_keys.get(name)
         if key is None:
             return getattr(self, name, None)
-        t = getattr(self._shared[0], key)
+        t = getattr(self.root, key)
         # Slice only a larger tensor: a full slice would still cost a zero-filled gradient per layer.
         if name == "A":
             return t if t.shape[1] == self.in_features else t[:, : self.in_features]  # (r, in)
@@ -69,54 +138,128 @@ class LowRankLinear(TwoForms, AdapterLayer):
             return t[: self.out_features]  # B (out, r), b (out,)
         return t
 
+    def parts(self) -> tuple:
+        return tuple(self.part(n) for n in "ABdb")
+
+    def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = fast.lowrank(self, base, x)  # the same formula, fused; None where it does not apply
+        if y is not None:
+            return y
+        A, B, d, b = self.parts()
+        y = base(x)  # W0 x (+ bias)                                        (B, T, out)
+        h = F.linear(self.dropout(x).to(A.dtype), A)  # A x                    (B, T, r)
+        if d is not None:
+            h = h * d  # Λ_d A x
+        h = F.linear(h, B)  # B Λ_d A x                                        (B, T, out)
+        if b is not None:
+            h = h * b  # Λ_b B Λ_d A x
+        return y + (self.scale * h).to(y.dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW = Λ_b B Λ_d A, (out, in)."""
-        Ad, Bb = scaled_factors(*(self.part(n) for n in "ABdb"))  # (r, in), (out, r)
-        return Bb @ Ad  # (out, in)
-
-    def same_a(self) -> tuple:
-        """The sibling layers (this one included) that read the same x with the same A."""
-        return self._shared[0].siblings.same_a(self)
-
-    def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [self.part(n) for n in "ABdb"]  # resolved once per call: ~1 µs each
-        xa = self.drop(x) if self.dropping() else None  # None: the adapter reads x itself
-        if not self.fusable():  # quantised base: plain autograd through the same formula
-            A, B, d, b = parts
-            y = self.base(x)  # (B, T, out)
-            h = F.linear((x if xa is None else xa).to(A.dtype), A)  # (B, T, r)
-            h = h if d is None else h * d  # (B, T, r)
-            Bb = diag_rows(b, B)  # (out, r): b folded in, no (B, T, out) intermediate
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r).to(y.dtype), Bb.T.to(y.dtype),
-                              alpha=self.scale)
-            return out.view(y.shape)
-        form = self.form(x, parts=parts)
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):  # the functions compute in autocast's dtype, cast here as autocast would
-            with torch.autocast(dev, enabled=False):
-                return self._forms(x, xa, parts, form, torch.get_autocast_dtype(dev))
-        return self._forms(x, xa, parts, form, x.dtype)
-
-    def _forms(self, x: torch.Tensor, xa: torch.Tensor | None, parts: list, form: str, dtype) -> torch.Tensor:
-        siblings, a = self._shared[0].siblings, None
-        # the adapter reads x itself: layers reading the same x can share a = x Aᵀ (not under
-        # torch.compile, whose fusion does that job and which would recompile per layer for it)
-        share = xa is None and not torch.compiler.is_compiling()
-        if share:
-            siblings.observe(self, x)
-        xc, W0, bias = _cast(x, dtype), _cast(weight_oi(self.base), dtype), _cast(self.base.bias, dtype)
-        A, B, d, b = parts
-        if share and form != "dense":  # "dense" reads x, not a
-            a = siblings.down(self, x, xc.reshape(-1, self.in_features))
-        if form != "per-token":  # on "dense-a", a only stands in for x in ∂ΔW Aᵀ = gᵀa: no gradient through it
-            return DenseLowRank.apply(xc, W0, bias, *(_cast(t, dtype) for t in parts), self.scale,
-                                      form == "dense-a", None if a is None else a.detach())
-        # given a, A's gradient flows through the group's product: A is not even cast
-        return PerTokenLowRank.apply(xc, _cast(xa, dtype), W0, bias, None if a is not None else _cast(A, dtype),
-                                     _cast(B, dtype), _cast(d, dtype), _cast(b, dtype), self.scale, a)
+        A, B, d, b = self.parts()
+        A = A if d is None else d[:, None] * A  # (r, in)
+        B = B if b is None else b[:, None] * B  # (out, r)
+        return B @ A
 
     def merge_into(self, weight, bias):
         return weight + self.scale * self.delta_weight().float(), bias
 
     def unmerge_from(self, weight, bias):
         return weight - self.scale * self.delta_weight().float(), bias
+
+
+def _shape(part: str, r: int, i: int, o: int) -> tuple[int, ...]:
+    return {"A": (r, i), "B": (o, r), "d": (r,), "b": (o,)}[part]
+
+
+def _shared_key(part: str, share: str, name: str) -> str:
+    scope = {"model": "model", "kind": kind(name), "block": block(name)}[share]
+    return f"{part}__{scope.replace('.', '_').replace('*', 'N')}"
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters take the base's float dtype; over a quantised (integer) base they are float32."""
+    return weight.dtype if torch.is_floating_point(weight) else torch.float32
+
+
+def inject_lowrank(model: nn.Module, cfg: LowRankConfig, root: AdapterRoot) -> dict[str, LowRankLinear]:
+    """Every tensor is drawn from one CPU generator seeded with cfg.seed, in a fixed order:
+    the shared ones first, then per layer in the order A, B, d, b. So frozen tensors can be
+    regenerated on load instead of saved, and VeRA's pair equals PEFT's for the same
+    `projection_prng_key` (A, then B, Kaiming-uniform with gain sqrt(2))."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layers = {n: get_module(model, n) for n in match_targets(model, cfg.targets)}
+    sizes: dict[str, tuple[str, int, int]] = {}  # shared key -> (part, largest in, largest out)
+    for name, layer in layers.items():
+        i, o = dims(layer)
+        for part in "ABdb":
+            spec = getattr(cfg, part)
+            if spec.mode in ("tied", "random"):
+                key = _shared_key(part, spec.share, name)
+                _, i0, o0 = sizes.get(key, (part, 0, 0))
+                sizes[key] = (part, max(i, i0), max(o, o0))
+    ref = next(iter(layers.values())).weight
+    for key, (part, i, o) in sizes.items():
+        spec = getattr(cfg, part)
+        t = init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, ref.device, adapter_dtype(ref))
+        root.declare(key, t, ("matrix" if t.dim() == 2 else "vector") if spec.mode == "tied" else None)
+    sites = {}
+    for name, layer in layers.items():
+        i, o = dims(layer)
+        keys, local = {}, {}
+        for part in "ABdb":
+            spec = getattr(cfg, part)
+            if spec.mode in ("tied", "random"):
+                keys[part] = _shared_key(part, spec.share, name)
+            elif spec.mode in ("trained", "frozen"):
+                t = init_tensor(_shape(part, cfg.r, i, o), spec.init, gen, layer.weight.device,
+                                adapter_dtype(layer.weight))
+                local[part] = (t, spec.mode == "trained")
+        sites[name] = LowRankLinear(layer, cfg, root, keys, local)
+    return sites
+
+
+register_method(Method("lowrank", LowRankConfig, inject_lowrank))
+
+
+def lora(r: int = 8, alpha: float = 16.0) -> LowRankConfig:
+    """LoRA (Hu et al., 2021): A Kaiming-uniform, B = 0, s = alpha / r."""
+    return LowRankConfig(preset="lora", r=r, alpha=alpha)
+
+
+def vera(r: int = 256, d_initial: float = 0.1) -> LowRankConfig:
+    """VeRA (Kopiczko et al., ICLR 2024): one frozen random pair for the model, sliced; d = 0.1, b = 0."""
+    shared = dict(mode="random", init="he_uniform", share="model")
+    return LowRankConfig(preset="vera", r=r, alpha=None, A=Part(**shared), B=Part(**shared),
+                         d=Part("trained", d_initial), b=Part("trained", "zeros"))
+
+
+def tied_lora(r: int = 8) -> LowRankConfig:
+    """Tied-LoRA vBuA (TL6): A, B tied per module kind and trained; u, v per layer, trained, init 1."""
+    return LowRankConfig(preset="tied-lora", r=r, alpha=None,
+                         A=Part("tied", "kaiming_uniform"), B=Part("tied", "zeros"),
+                         d=Part("trained", "ones"), b=Part("trained", "ones"))
+
+
+def tied_lora_ba(r: int = 8) -> LowRankConfig:
+    """Tied-LoRA TL5: A, B tied per module kind and trained; u, v frozen at 1 (absent)."""
+    return LowRankConfig(preset="tied-lora-ba", r=r, alpha=None,
+                         A=Part("tied", "kaiming_uniform"), B=Part("tied", "zeros"))
+
+
+def tied_lora_paper(r: int = 8) -> LowRankConfig:
+    """Tied-LoRA vBuA as the paper placed it: on the attention's input projections only, one
+    pair tied across all layers. The paper's fused QKV layer becomes q, k and v reading one
+    tied A (share model) with one B per projection (q, k, v's rows of the fused B, tied per
+    kind); u is one r-vector per block shared by q, k, v, and v one vector per layer."""
+    return LowRankConfig(preset="tied-lora-paper", r=r, alpha=None, targets=["attention-input"],
+                         A=Part("tied", "kaiming_uniform", "model"), B=Part("tied", "zeros", "kind"),
+                         d=Part("tied", "ones", "block"), b=Part("trained", "ones"))
+
+
+register_preset("lora", lora)
+register_preset("vera", vera)
+register_preset("tied-lora", tied_lora, aliases=("vbua", "tl6"))
+register_preset("tied-lora-ba", tied_lora_ba, aliases=("tl5",))
+register_preset("tied-lora-paper", tied_lora_paper)

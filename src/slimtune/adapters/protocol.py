@@ -1,0 +1,197 @@
+"""The adapter contract.
+
+Four kinds of module take part:
+
+- `SiteAdapter`: one adapter at one place (a *site*) of the base model, a linear layer or any
+  other module (a whole MLP block). `forward(base, *args)` is the adapted call of the module
+  it sits on. It says whether it can be folded into the base weight (`mergeable`,
+  `merge_into`) and may report auxiliary losses (`report`).
+- `AdapterHost`: stands in the model where the base module was, keeps that module as `base`
+  and the site adapters around it by adapter name, and calls the active one (or none).
+- `AdapterRoot`: one per named adapter, at model level: its config and the tensors several
+  sites share (tied trained matrices, frozen random ones), created once.
+- `AdapterSet` (`model.slimtune_adapters`): the roots by name, and the `AdapterState` every
+  host reads: which adapter is active, whether adapters are enabled, and the auxiliary losses
+  being collected.
+
+Every tensor is declared in one place, `declare(name, tensor, group)`: a trained one with its
+optimiser group (matrix, vector, router, embedding), a frozen one with group None. Freezing,
+counting, saving, merging and the optimiser read these declarations; nothing finds adapter
+tensors by their names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+GROUPS = ("matrix", "vector", "router", "embedding")  # optimiser groups, each with its own LR and decay
+
+
+def init_tensor(shape: tuple[int, ...], init: str | float, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    """A tensor drawn on the CPU from `gen` (so it can be regenerated from the seed), then moved."""
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, device="meta", dtype=dtype)
+    fan_in = shape[1] if len(shape) == 2 else shape[0]
+    if init == "zeros":
+        t = torch.zeros(shape)
+    elif init == "ones":
+        t = torch.ones(shape)
+    elif init == "normal":
+        t = torch.randn(shape, generator=gen) * 0.02
+    elif init in ("kaiming_uniform", "he_uniform"):
+        # kaiming_uniform: nn.Linear's default (a = sqrt(5)), bound 1/sqrt(fan_in), as LoRA/PEFT use;
+        # he_uniform: gain sqrt(2), bound sqrt(6 / fan_in), as VeRA's reference code uses.
+        bound = 1 / math.sqrt(fan_in) if init == "kaiming_uniform" else math.sqrt(6 / fan_in)
+        t = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    else:
+        t = torch.full(shape, float(init))
+    return t.to(device=device, dtype=dtype)
+
+
+@dataclass
+class AuxLoss:
+    """An auxiliary loss a site reported during a forward.
+
+    `total` is token-additive: the sum over the micro-batch's real tokens of a per-token
+    quantity, or a per-batch loss times its number of tokens. The loop divides the window's
+    totals by the window's real tokens (all ranks), as it divides the LM loss by the labelled
+    tokens, so the split into micro-batches does not change it. `weight` comes from the
+    method's config."""
+
+    name: str
+    total: torch.Tensor
+    weight: float
+
+
+@dataclass
+class AdapterState:
+    """What every host of a model reads; shared, not copied, between them."""
+
+    active: str | None = None  # the adapter the model computes with
+    enabled: bool = True
+    token_mask: torch.Tensor | None = None  # (B, T) real tokens of the batch being run, for aux losses
+    aux: list[AuxLoss] | None = None  # collecting when a list
+
+
+class Declares(nn.Module):
+    """Declared tensors: the one bookkeeping of trained and frozen adapter tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.declared: dict[str, str | None] = {}  # name -> optimiser group; None = frozen
+
+    def declare(self, name: str, tensor: torch.Tensor, group: str | None) -> None:
+        """A trained tensor (a Parameter in optimiser `group`) or, with group None, a frozen one
+        (a buffer, regenerated from the seed rather than saved unless the config asks)."""
+        if group is not None and group not in GROUPS:
+            raise ValueError(f"group={group!r}: an optimiser group is one of {GROUPS}")
+        if group is None:
+            self.register_buffer(name, tensor, persistent=False)
+        else:
+            self.register_parameter(name, nn.Parameter(tensor))
+        self.declared[name] = group
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {n: getattr(self, n) for n, g in self.declared.items() if g is not None}
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n, g in self.declared.items() if g is None}
+
+    def param_groups(self) -> dict[str, str]:
+        return {n: g for n, g in self.declared.items() if g is not None}
+
+
+class SiteAdapter(Declares):
+    """One adapter at one site. Subclasses implement `forward(base, *args, **kwargs)`; the
+    mergeable ones `merge_into` and `unmerge_from` on the base's (out, in) weight."""
+
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, root: "AdapterRoot"):
+        super().__init__()
+        self._root = (root,)  # a tuple: the model-level root is not registered here a second time
+
+    @property
+    def root(self) -> "AdapterRoot":
+        return self._root[0]
+
+    def forward(self, base: nn.Module, *args, **kwargs):
+        raise NotImplementedError
+
+    def merge_into(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W', b') with the adapter folded in; weight is (out, in) in float32. Pure."""
+        raise NotImplementedError
+
+    def unmerge_from(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The inverse of merge_into. Pure."""
+        raise NotImplementedError
+
+    def report(self, name: str, total: torch.Tensor, weight: float) -> None:
+        """Report an auxiliary loss (see AuxLoss); dropped unless the loop is collecting."""
+        state = self.root.state
+        if state.aux is not None:
+            state.aux.append(AuxLoss(name, total, weight))
+
+    def token_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool of the real tokens of `like` (B, T, ...): the batch's, or all."""
+        mask = self.root.state.token_mask
+        if mask is None or mask.shape != like.shape[:2]:
+            return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+        return mask
+
+
+class AdapterHost(nn.Module):
+    """A module of the base model, with the site adapters around it by adapter name."""
+
+    def __init__(self, base: nn.Module, state: AdapterState):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self._state = (state,)
+        self.merged: str | None = None  # the adapter folded into base's weight, if any
+
+    def slimtune_host_base(self) -> nn.Module:  # models/layers.py looks through a host by this
+        return self.base
+
+    def active(self) -> SiteAdapter | None:
+        state = self._state[0]
+        if not state.enabled or self.merged is not None:
+            return None  # disabled, or the adapter is folded into the base already
+        return self.adapters[state.active] if state.active in self.adapters else None
+
+    def forward(self, *args, **kwargs):
+        site = self.active()
+        return self.base(*args, **kwargs) if site is None else site(self.base, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapters", "_state", "merged"):
+                raise
+            return getattr(self.base, name)  # code in transformers reads layer.weight, in_features...
+
+
+class AdapterRoot(Declares):
+    """One named adapter at model level: its config and its shared tensors."""
+
+    def __init__(self, name: str, config, state: AdapterState):
+        super().__init__()
+        self.name, self.config = name, config
+        self.state = state
+
+
+class AdapterSet(nn.Module):
+    """`model.slimtune_adapters`: every named adapter's root, and the state hosts read."""
+
+    ATTR = "slimtune_adapters"
+
+    def __init__(self):
+        super().__init__()
+        self.roots = nn.ModuleDict()
+        self.state = AdapterState()

@@ -1,0 +1,206 @@
+"""The `slimtune` command line. Every command's flags are generated from its typed config.
+
+    slimtune train  [--method vera] [--config run.yaml] [--adapter.r 16] ...
+    slimtune eval   --adapter runs/slimtune/adapter
+    slimtune generate --adapter DIR --prompt "..."
+    slimtune params --model llama-2-7b --method vera --rank 256
+    slimtune new    --model DIR --method lora --r 16 --out adapter/
+    slimtune export --adapter DIR --format peft-lora|peft|merged --out OUT
+    slimtune check                      # the core on the default model, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..adapters.helpers import count_parameters
+from ..adapters.inject import add_adapter
+from ..adapters.registry import config_classes, config_from_dict, method_names, preset_config
+from ..configs import from_dict, merge_overrides, to_dict
+from ..data.demo import demo_split
+from ..errors import Problems, SlimtuneError
+from ..eval.config import EvalConfig, GenerateConfig
+from ..formats.adapter import save_adapter
+from ..models.load import build_on_meta, load_model, shipped_configs
+from ..recipes.check import run_check
+from ..recipes.evaluate import run_eval
+from ..recipes.export import run_export
+from ..recipes.generate import print_answers, run_generate
+from ..recipes.train import run_training
+from ..train.config import TrainConfig, train_config
+from ..train.loop import Interrupted
+from ..train.parallel import shutdown
+from .commands import CheckConfig, DemoDataConfig, ExportConfig, NewConfig, ParamsConfig
+from .flags import add_config_flags, flag_values, read_config_file
+
+ADAPTER_ALIASES = {"r": ["--rank"]}
+
+
+def _config(args, cls, dest: str = "cmd"):
+    """A command's config: its --config file (where the command takes one), then its flags."""
+    data = read_config_file(args.config) if getattr(args, "file_config", False) and args.config else {}
+    return from_dict(cls, merge_overrides(data, flag_values(args, dest)))
+
+
+def adapter_config(args, method: str, config_file: str | None):
+    """Preset (or an adapter config file), then the adapter flags on top."""
+    overrides = flag_values(args, "adapter")
+    if config_file:
+        p = Problems("invalid adapter config")
+        base = to_dict(config_from_dict(read_config_file(config_file), p))
+        return config_from_dict(merge_overrides(base, overrides))
+    return preset_config(method, overrides)
+
+
+def cmd_params(args) -> int:
+    cfg = _config(args, ParamsConfig)
+    model = build_on_meta(cfg.model)
+    adapter = adapter_config(args, cfg.method, cfg.config)
+    add_adapter(model, adapter)
+    count = count_parameters(model)
+    if cfg.json:
+        print(json.dumps({"model": cfg.model, "method": adapter.preset, "trainable": count.trainable,
+                          "shared_frozen": count.shared_frozen, "base": count.base}))
+        return 0
+    rows = [("model", cfg.model), ("method", f"{adapter.preset} ({adapter.method})"),
+            ("rank", str(getattr(adapter, "r", "-"))), ("trainable", f"{count.trainable:,}"),
+            ("shared frozen", f"{count.shared_frozen:,}"), ("base model", f"{count.base:,}"),
+            ("trainable / base", f"{100 * count.share:.4f} %")]
+    print("\n".join(f"{k:>17}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_new(args) -> int:
+    cfg = _config(args, NewConfig)
+    adapter = adapter_config(args, cfg.method, cfg.config)
+    model = add_adapter(load_model(cfg.model), adapter)
+    save_adapter(model, cfg.out)
+    print(f"wrote {cfg.out} ({count_parameters(model)})")
+    return 0
+
+
+def cmd_export(args, fmt: str | None = None) -> int:
+    cfg = _config(args, ExportConfig)
+    out = run_export(cfg.model, cfg.adapter, cfg.out, fmt or cfg.format)
+    print(f"wrote {fmt or cfg.format} export to {out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    cfg = _config(args, CheckConfig)
+    return run_check(cfg.model, cfg.prompt)
+
+
+def cmd_train(args) -> int:
+    data = read_config_file(args.config) if args.config else {}
+    data = merge_overrides(data, flag_values(args, "cmd"))
+    overrides = flag_values(args, "adapter")
+    if overrides:
+        data["adapter"] = merge_overrides(data.get("adapter") or {}, overrides)
+    cfg = train_config(data)  # the adapter part too, before any loading
+    try:
+        s = run_training(cfg)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if "after" in s:
+        b, a = s["before"], s["after"]
+        print(f"\nmethod {cfg.method}: {s['trainable']:,} trainable parameters "
+              f"({100 * s['trainable'] / s['base']:.3f} % of {s['base']:,}), {s['steps']} steps in "
+              f"{s['train_seconds']:.0f} s")
+        print(f"{'':>16} {'before':>8} {'after':>8}")
+        for key in ("loss", "exact_match", "rouge_l"):
+            if key in a:
+                print(f"{key:>16} {b[key]:8.3f} {a[key]:8.3f}")
+        print(f"adapter: {Path(cfg.out) / 'adapter'}   curves: {Path(cfg.out) / 'loss.png'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = _config(args, EvalConfig)
+    s = run_eval(cfg)
+    for k, v in s.items():
+        print(f"{k:>18}  {v:.4f}" if isinstance(v, float) else f"{k:>18}  {v}")
+    print(f"{'per-example':>18}  {cfg.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    cfg = _config(args, GenerateConfig)
+    print_answers(run_generate(cfg), cfg.jsonl)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    cfg = _config(args, DemoDataConfig)
+    train, evals = demo_split(cfg.train, cfg.eval)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {len(train)} + {len(evals)} rows to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    methods = f"adapter preset: one of {method_names()}"
+
+    def command(name: str, cls, fn, help: str, adapter: bool = False, adapter_prefix: str = "",
+                config_file: str | None = None):
+        p = sub.add_parser(name, help=help, description=help)
+        if config_file:
+            p.add_argument("--config", help=config_file)
+        add_config_flags(p, (cls,), dest="cmd", skip=("config",) if config_file else ())
+        if adapter:
+            add_config_flags(p, config_classes(), dest="adapter", skip=("method", "preset"), aliases={"r": ["--rank"]},
+                             flag_prefix=adapter_prefix)
+        p.set_defaults(fn=fn, file_config=config_file is not None and cls is not ParamsConfig and cls is not NewConfig)
+        return p
+
+    command("train", TrainConfig, cmd_train, "fine-tune (defaults: LoRA on SmolLM2-135M with the demo data)",
+            adapter=True, adapter_prefix="adapter.", config_file="a YAML/JSON file of TrainConfig fields; flags override it")
+    command("eval", EvalConfig, cmd_eval, "loss, generation, ROUGE-L, exact match and judge scores",
+            config_file="a YAML/JSON file of EvalConfig fields; flags override it")
+    command("generate", GenerateConfig, cmd_generate, "generate with a base model and any adapter directory",
+            config_file="a YAML/JSON file of GenerateConfig fields; flags override it")
+    command("params", ParamsConfig, cmd_params, "count trainable parameters; builds the model on the meta device "
+            f"(models: {shipped_configs()} or a config.json path)", adapter=True)
+    command("new", NewConfig, cmd_new, "write a freshly initialised adapter", adapter=True)
+    command("export", ExportConfig, cmd_export, "export an adapter: its exact plain-LoRA equivalent (peft-lora), "
+            "PEFT's own format (peft), or a merged transformers model (merged)")
+    command("merge", ExportConfig, lambda a: cmd_export(a, "merged"),
+            "fold an adapter into its base model and save the result (export --format merged)")
+    command("check", CheckConfig, cmd_check, "load the default model and check every method on it end to end")
+    command("demo-data", DemoDataConfig, cmd_demo_data, "write the built-in demo data as JSONL")
+    for name in ("params", "new"):
+        for action in sub.choices[name]._actions:
+            if action.dest == "cmd:method":
+                action.help = methods
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SlimtuneError as e:
+        print(f"slimtune: error: {e}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"slimtune: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    except OSError as e:  # a file the command could not write or read: the system's own words
+        print(f"slimtune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

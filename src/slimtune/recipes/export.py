@@ -1,0 +1,47 @@
+"""`slimtune export`: an adapter in the form another tool serves.
+
+- `peft-lora`: the plain-LoRA equivalent of any low-rank adapter (LoRA, VeRA, every Tied-LoRA
+  configuration) in PEFT's format: exact, at the same rank, for PEFT, vLLM and other LoRA servers;
+- `peft`: the adapter itself in PEFT's format (LoRA, VeRA, (IA)³);
+- `merged`: a standalone transformers model directory (safetensors) with the adapter folded
+  in, which plain `AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapters.helpers import merge_and_unload
+from ..adapters.inject import get_config
+from ..errors import Problems
+from ..formats.adapter import export_peft_lora, load_adapter, save_adapter
+from ..formats.peft import peft_type
+from ..models.load import load_model, load_tokenizer
+
+FORMATS = ("peft-lora", "peft", "merged")
+
+
+def run_export(model_name: str, adapter: str, out: str, fmt: str) -> Path:
+    target = Path(out)
+    p = Problems("cannot export")
+    if target.exists() and not target.is_dir():
+        p.add(f"out={out!r}", "it is a file, not a directory", "give a directory to write into")
+    if fmt not in FORMATS:
+        p.add(f"format={fmt!r}", "not an export format", f"use one of {list(FORMATS)}")
+    p.raise_if_any()
+    model = load_adapter(load_model(model_name), adapter)  # always the full-precision base: merging needs it
+    if fmt == "peft-lora":
+        return export_peft_lora(model, target)
+    if fmt == "peft":
+        cfg = get_config(model)
+        if peft_type(cfg) is None:
+            p.add(f"method {cfg.preset!r}", "PEFT has no adapter type that expresses it",
+                  "export --format peft-lora (its exact LoRA equivalent) or --format merged")
+            p.raise_if_any()
+        return save_adapter(model, target)
+    merge_and_unload(model).save_pretrained(target, safe_serialization=True)
+    try:
+        load_tokenizer(model_name).save_pretrained(target)
+    except (OSError, ValueError):
+        pass  # a model directory without a tokenizer
+    return target

@@ -1,0 +1,47 @@
+"""`slimtune generate`: answers from a base model and any adapter directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data.rows import Example
+from ..errors import Problems
+from ..eval.config import GenerateConfig
+from ..eval.generation import generate
+from ..formats.adapter import load_adapter
+from ..models.load import load_model, load_tokenizer, resolve_device
+from ..models.quantize import quantize_model
+
+
+def prompts_of(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.file:
+        path = Path(cfg.file)
+        if not path.is_file():
+            p = Problems("cannot read the prompts")
+            p.add(f"file={cfg.file!r}", "a directory, not a file" if path.is_dir() else "no such file",
+                  "give a text file with one prompt per line")
+            p.raise_if_any()
+        prompts += [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return prompts
+
+
+def run_generate(cfg: GenerateConfig) -> list[dict]:
+    """[{prompt, response}] for every prompt of cfg."""
+    prompts = prompts_of(cfg)
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model).to(device)
+    quantize_model(model, cfg.quantize)
+    if cfg.adapter:
+        load_adapter(model, cfg.adapter)
+    tok = load_tokenizer(cfg.model)
+    examples = [Example([{"role": "user", "content": p}], "") for p in prompts]
+    outs = generate(model, tok, examples, cfg.template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
+                    cfg.temperature, cfg.top_p, cfg.seed)
+    return [{"prompt": p, "response": o} for p, o in zip(prompts, outs)]
+
+
+def print_answers(answers: list[dict], jsonl: bool) -> None:
+    for a in answers:
+        print(json.dumps(a, ensure_ascii=False) if jsonl else f"> {a['prompt']}\n{a['response']}\n")
