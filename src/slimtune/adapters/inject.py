@@ -132,6 +132,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAM
     if AdapterSet.ATTR not in model._modules:
         model.add_module(AdapterSet.ATTR, aset)
     for module_name, site in placed.items():
+        site.train(model.training)  # new modules start in training mode; they follow the model's
         place(model, module_name, name, site, aset)
     aset.roots[name] = adapter
     if aset.state.active is None:

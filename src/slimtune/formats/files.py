@@ -76,7 +76,8 @@ def read_tensors(path: Path, what: str = "tensors") -> tuple[dict[str, torch.Ten
         p.raise_if_any()
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            p.add(f"tensor {k!r} in {path}", "it holds inf or NaN", "use a checkpoint written before training diverged")
+            p.add(f"tensor {k!r} in {path}", "it holds inf or NaN (written by a run that diverged?)",
+                  "use a file written before training diverged, or train again with a lower learning rate")
             if len(p.items) >= 5:
                 break
     p.raise_if_any()

@@ -120,7 +120,9 @@ def lora_equivalent(model: nn.Module, cfg: AdapterConfig, name: str | None = Non
     with torch.no_grad():
         for module, site in sites(model, name):
             A, B, d, b = (None if t is None else t.detach().float() for t in site.parts())
-            out[f"{PREFIX}{module}.lora_A.weight"] = (A if d is None else d[:, None] * A).contiguous()
+            # each layer's own copy: tied parts must not share memory in the file
+            out[f"{PREFIX}{module}.lora_A.weight"] = (A if d is None else d[:, None] * A).clone(
+                memory_format=torch.contiguous_format)
             out[f"{PREFIX}{module}.lora_B.weight"] = (site.scale * (B if b is None else b[:, None] * B)).contiguous()
     names = [m for m, _ in sites(model, name)]
     conf = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.r, "use_rslora": False, "lora_dropout": 0.0,
