@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimtune: error: {e}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
-        print(f"slimtune: {e or 'interrupted'}", file=sys.stderr)
+        print(f"slimtune: {str(e) or 'interrupted'}", file=sys.stderr)
         return 130
     except OSError as e:  # a file the command could not write or read: the system's own words
         print(f"slimtune: error: {e}", file=sys.stderr)
