@@ -250,15 +250,29 @@ def test_grad_checkpointing_gives_the_same_step(tiny_dir, tmp_path):
 
 
 def test_bf16_autocast_trains_close_to_fp32(tiny_dir, tmp_path):
-    """bf16 autocast with fp32 adapters follows the fp32 run: after several steps (the adapter no
-    longer at its identity init) the losses and the trained tensors stay within bf16's precision."""
+    """bf16 autocast with fp32 adapters, on an adapter trained away from its identity init: the
+    fp32 run's adapter after four steps, copied into the bf16 run, gives the same loss and
+    gradients there within bf16's precision (an 8-bit mantissa: a few % in norm)."""
+    from slimtune.train.loop import micro_batches
+
     a, b = (setup(cfg_for(tiny_dir, tmp_path, precision=p, method="tied-lora")) for p in ("fp32", "bf16"))
     assert b.bf16 and not a.bf16 and all(p.dtype == torch.float32 for p in b.params)  # adapters stay fp32
     start = [p.detach().clone() for p in a.params]
     for step in range(4):
-        la, lb = train_step(a, step).loss, train_step(b, step).loss
-    assert lb == pytest.approx(la, rel=2e-2)
-    moved = sum((p - p0).norm() for p, p0 in zip(a.params, start))
-    assert moved > 1e-2  # the adapters trained away from their init
-    for pa, pb, p0 in zip(a.params, b.params, start):  # bf16's 8-bit mantissa, through Adam: within 10 %
-        assert (pb - pa).norm() <= 0.1 * (pa - p0).norm() + 1e-3
+        train_step(a, step)
+    assert sum((p - p0).norm() for p, p0 in zip(a.params, start)) > 1e-1  # it trained
+    with torch.no_grad():
+        for pa, pb in zip(a.params, b.params):
+            pb.copy_(pa)
+    grads, losses = [], []
+    for run in (a, b):
+        (batch,) = micro_batches(run, 4)
+        with run.autocast():
+            s, n = run.loss_model(**batch)
+        (s / n).backward()
+        losses.append(float(s / n))
+        grads.append([p.grad.detach().clone() for p in run.params])
+        run.opt.zero_grad()
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    for ga, gb in zip(*grads):
+        assert gb.dtype == torch.float32 and (gb - ga).norm() < 5e-2 * ga.norm() + 1e-6
