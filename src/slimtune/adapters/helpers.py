@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import Problems
 from ..models.layers import is_linear, is_quantized, weight_oi
-from .inject import adapter_set, get_config, hosts, root, sites
+from .inject import adapter_names, adapter_set, delete_adapter, get_config, hosts, root, sites
 from .protocol import AdapterSet, AuxLoss, Declares
 
 SHARED_PREFIX = "slimtune_shared"
@@ -194,8 +194,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (PEFT's name). What is left is the plain base model with the merged weights, under the
     base's own parameter names: `save_pretrained` writes it as any transformers model, and
     `add_adapter` accepts it again. Refused, with nothing changed, where merging is."""
-    from .inject import adapter_names, delete_adapter
-
     merge_adapters(model)
     for _, host in hosts(model):
         host.merged = None  # the weights stay folded; the adapters go

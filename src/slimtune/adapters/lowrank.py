@@ -26,7 +26,7 @@ from torch import nn
 from ..configs import field
 from ..errors import Problems, did_you_mean
 from ..models.layers import block, dims, get_module, kind
-from . import fast
+from .fast import lowrank as fast_path
 from .protocol import AdapterRoot, SiteAdapter, init_tensor
 from .registry import AdapterConfig, Method, register_method, register_preset
 from .targets import match_targets
@@ -142,7 +142,7 @@ class LowRankLinear(SiteAdapter):
         return tuple(self.part(n) for n in "ABdb")
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        y = fast.lowrank(self, base, x)  # the same formula, fused; None where it does not apply
+        y = fast_path(self, base, x)  # the same formula, fused; None where it does not apply
         if y is not None:
             return y
         A, B, d, b = self.parts()

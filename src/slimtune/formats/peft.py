@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..adapters.helpers import SHARED_PREFIX
-from ..adapters.ia3 import IA3Config
+from ..adapters.ia3 import IA3Config, ia3_sites
 from ..adapters.inject import sites
 from ..adapters.lowrank import LowRankConfig, Part
 from ..adapters.registry import AdapterConfig
@@ -215,8 +215,6 @@ def fit_spans(model: nn.Module, cfg: AdapterConfig, tensors: dict[str, torch.Ten
     fused c_attn scales only its k and v thirds; PEFT's vector holds ones on the q third)."""
     if not isinstance(cfg, IA3Config):
         return tensors
-    from ..adapters.ia3 import ia3_sites
-
     out = dict(tensors)
     for module, where, (lo, hi) in ia3_sites(model, cfg.scale_outputs, cfg.scale_inputs):
         t = out.get(f"{module}.l")
