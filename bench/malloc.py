@@ -1,4 +1,4 @@
-"""What keeping freed memory in the process (slimtune.alloc) buys a CPU training step.
+"""What keeping freed memory in the process (slimtune.train.memory) buys a CPU training step.
 
     python bench/malloc.py                 # floor and LoRA steps on SmolLM2-135M, 3 rounds
 
@@ -6,9 +6,9 @@ glibc's settings cannot be undone inside a process (and a heap that has grown se
 blocks whatever the setting), so each arm runs in its own process, arms in alternation over
 the rounds; within a process the frozen floor step and a LoRA step alternate. Arms:
 - `default`: glibc as it comes (dynamic mmap threshold, trim at 128 KiB of free heap top);
-- `threshold`: the mmap threshold fixed at its largest, 32 MiB, trim at 2 GiB (slimtune.alloc
+- `threshold`: the mmap threshold fixed at its largest, 32 MiB, trim at 2 GiB (slimtune.train.memory
   before 2026-11-22: blocks above 32 MiB, the loss's logits, still mapped per use);
-- `keep`: slimtune.alloc.keep_freed_memory() as it is (mmap off: every block stays).
+- `keep`: slimtune.train.memory.keep_freed_memory() as it is (mmap off: every block stays).
 Prints each arm's median step time and page faults, and the ratios to `keep`.
 """
 
@@ -29,7 +29,7 @@ def child(arm: str, steps: int, model: str) -> None:
     import torch
 
     import slimtune
-    from slimtune import alloc
+    from slimtune.train import memory as alloc
 
     if arm == "keep":
         assert alloc.keep_freed_memory()

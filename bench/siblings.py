@@ -16,11 +16,11 @@ import argparse
 import statistics
 import sys
 
-from step import Variant, adapted, alternate, base_and_batch, model_args, variant
+from step import Variant, adapted, alternate, base_and_batch, model_args, sites, variant
 
 import slimtune
-from slimtune.alloc import keep_freed_memory
-from slimtune.ops import adapter_layers
+from slimtune.adapters.fast.layer import FastLayer, siblings_of
+from slimtune.train.memory import keep_freed_memory
 
 
 def main() -> None:
@@ -40,7 +40,8 @@ def main() -> None:
         for share in (True, False):
             model = adapted(base, slimtune.preset(method, **kw))
             if not share:  # every layer settled alone before the first forward: no group forms
-                model.slimtune_shared.siblings.settled.update(id(layer) for _, layer in adapter_layers(model))
+                layers = [site for site, _ in sites(model)]
+                siblings_of(layers[0]).settled.update(id(FastLayer.of(site)) for site in layers)
             variants.append(Variant(f"{spec} {'siblings' if share else 'each its own'}", model, dev))
     floor = variants[0]
     for rnd in range(args.reps + 1):  # round 0 warms up (and learns the groups)

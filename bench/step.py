@@ -5,8 +5,8 @@
     python bench/step.py --random-init         # the architecture with random weights (no GGUF needed)
     python bench/step.py --methods vera --high-rank vera=1024   # one preset, and one at a high rank
 
-Each `--high-rank` preset runs twice: with the form each layer picks (forms.py) and forced
-per token, to show what the choice buys.
+Each `--high-rank` preset runs twice: with the form each layer picks (adapters/fast/forms.py)
+and forced per token, to show what the choice buys.
 
 Variants run in alternation (`--reps` rounds), with a floor step between every two, so each
 step is divided by the mean of the floor steps either side of it; the median of those paired
@@ -33,7 +33,7 @@ hits a step and its neighbours alike). Each variant is compared with:
 - PEFT's implementation of the same method, where PEFT has it.
 
 Steps run as `slimtune train` runs them: fused AdamW where it applies, and on CPU with freed
-memory kept in the process (slimtune.alloc; `--return-freed-memory` times glibc's default).
+memory kept in the process (slimtune.train.memory; `--return-freed-memory` times glibc's default).
 
 Memory: on CUDA the peak allocated, in the same run; on CPU the peak resident set (VmHWM,
 reset before each step through /proc/self/clear_refs), in a second process where glibc is
@@ -62,11 +62,19 @@ import torch
 from torch import nn
 
 import slimtune
+from slimtune.adapters.fast.layer import FastLayer, siblings_of
 from slimtune.adapters.ia3 import IA3Linear
-from slimtune.alloc import keep_freed_memory
+from slimtune.adapters.inject import hosts
 from slimtune.adapters.lowrank import LowRankLinear
-from slimtune.ops import adapter_layers
-from slimtune.train import fusable_adamw
+from slimtune.models.load import CONFIGS
+from slimtune.train.loop import fusable_adamw
+from slimtune.train.memory import keep_freed_memory
+
+
+def sites(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(site adapter, the base layer it sits on) of the model's active adapter."""
+    name = slimtune.active_adapter(model)
+    return [(h.adapters[name], h.base) for _, h in hosts(model) if name in h.adapters]
 
 
 def peft_model(base: nn.Module, method: str, r: int | None):
@@ -86,7 +94,7 @@ def load_base(name: str, random_init: bool, device: str, dtype: torch.dtype) -> 
     if random_init:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = json.loads((slimtune.models.CONFIGS / f"{name}.json").read_text())
+        config = json.loads((CONFIGS / f"{name}.json").read_text())
         base = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     else:
         base = slimtune.load_model(name)
@@ -113,17 +121,18 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
 
     def hook(layer, inputs, _out):
         nonlocal act, flops
-        x = inputs[0]
+        x = inputs[1]  # a site adapter is called as site(base, x)
         n = x.numel() // x.shape[-1]
         i, o = layer.in_features, layer.out_features
         keep_x, traffic, macs = False, 0, 0
         if isinstance(layer, LowRankLinear):
-            # Sibling layers (adapters/siblings.py) split their x side: with one A (VeRA) its
+            # Sibling layers (adapters/fast/siblings.py) split their x side: with one A (VeRA) its
             # arithmetic and a itself, with stacked A's (LoRA) the passes over x.
-            one_a, group = len(layer.same_a()), len(model.slimtune_shared.siblings.group_of.get(id(layer), (layer,)))
-            form = layer.form(x)  # the layer's own choice (grad is enabled in this pass)
-            macs = layer.flops(n, training=True, sharing=one_a)[form]
-            trains = layer.trained()
+            rec = FastLayer.of(layer)
+            one_a, group = len(rec.same_a()), len(siblings_of(layer).group_of.get(id(rec), (rec,)))
+            trains = rec.trained(layer.parts())
+            form = rec.form(x, layer.parts())  # the layer's own choice (grad is enabled in this pass)
+            macs = rec.flops(n, True, trains, one_a)[form]
             if form != "per-token":  # the fused dense form keeps x or a and rebuilds ΔW in the backward
                 keep_x = form == "dense" or trains["A"]
                 if form == "dense-a":
@@ -147,9 +156,9 @@ def required_bytes(model: nn.Module, ids: torch.Tensor, elt: int) -> tuple[int, 
             seen.add(x.untyped_storage().data_ptr())
             act += x.numel() * elt
 
-    model(ids)  # a first forward learns which layers share an input (adapters/siblings.py)
-    for _, layer in adapter_layers(model):
-        hooks.append(layer.register_forward_hook(hook))
+    model(ids)  # a first forward learns which layers share an input (adapters/fast/siblings.py)
+    for site, _ in sites(model):
+        hooks.append(site.register_forward_hook(hook))
     model(ids)  # with grad enabled, so that each layer chooses its form as it does when training
     for h in hooks:
         h.remove()
@@ -165,23 +174,27 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
     down-projection (adapters/siblings.py) are timed together, on one input, as one unit."""
     seen: dict[tuple, tuple[tuple, torch.Size]] = {}
     counts: dict[tuple, int] = {}
-    siblings = getattr(model.slimtune_shared, "siblings", None)  # low-rank adapters only
+    base_of = {id(site): base for site, base in sites(model)}
+    lowrank = [site for site, _ in sites(model) if isinstance(site, LowRankLinear)]
+    siblings = siblings_of(lowrank[0]) if lowrank else None  # low-rank adapters only
     groups = siblings.group_of if siblings is not None else {}
 
     def hook(layer, inputs, _out):
-        unit = groups.get(id(layer), (layer,))
+        rec = FastLayer.of(layer) if isinstance(layer, LowRankLinear) else None
+        unit = tuple(m.site for m in groups.get(id(rec), (rec,))) if rec is not None else (layer,)
         if layer is not unit[0]:
             return  # counted with the first of its group
-        trains = tuple(layer.trained().items()) if isinstance(layer, LowRankLinear) else ()
-        key = (type(layer).__name__, getattr(layer, "where", ""), tuple(inputs[0].shape),
+        trains = tuple(rec.trained(layer.parts()).items()) if rec is not None else ()
+        x = inputs[1]
+        key = (type(layer).__name__, getattr(layer, "where", ""), tuple(x.shape),
                tuple(m.out_features for m in unit), trains)
-        seen.setdefault(key, (unit, inputs[0].shape))
+        seen.setdefault(key, (unit, x.shape))
         counts[key] = counts.get(key, 0) + 1
 
     if siblings is not None and not siblings.settled:  # a model that has not run yet learns them first
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             model(ids)
-    hooks = [layer.register_forward_hook(hook) for _, layer in adapter_layers(model)]
+    hooks = [site.register_forward_hook(hook) for site, _ in sites(model)]
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         model(ids)  # grad enabled: each layer picks its form as it does when training
     for h in hooks:
@@ -191,7 +204,8 @@ def layers_alone(model: nn.Module, ids: torch.Tensor, device: str, dtype: torch.
         params = [p for m in unit for p in m.parameters() if p.requires_grad]
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         gs = [torch.randn(*shape[:-1], m.out_features, device=device, dtype=dtype) for m in unit]
-        adapted, bases = [lambda x, m=m: m(x) for m in unit], [lambda x, m=m: m.base(x) for m in unit]
+        adapted = [lambda x, m=m: m(base_of[id(m)], x) for m in unit]
+        bases = [lambda x, m=m: base_of[id(m)](x) for m in unit]
 
         def run(fs) -> float:
             if device == "cuda":
@@ -387,7 +401,8 @@ def main() -> None:
                          "(none: leave them out)")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--return-freed-memory", action="store_true",
-                    help="time under glibc's default malloc (the trainer keeps freed memory: slimtune.alloc)")
+                    help="time under glibc's default malloc (the trainer keeps freed memory: "
+                         "slimtune.train.memory)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)  # the CPU memory pass
     args = ap.parse_args()
     base, ids, dtype = base_and_batch(args)
@@ -414,8 +429,8 @@ def main() -> None:
         variants.append(Variant(label, model, args.device))
         if kw:  # the same high rank forced to the per-token form, to show what the choice buys
             forced = copy.deepcopy(model)
-            for _, layer in adapter_layers(forced):
-                layer.form = lambda x, parts=None: "per-token"
+            for site, _ in sites(forced):
+                FastLayer.of(site).form = lambda x, parts: "per-token"
             variants.append(Variant(label + " per-token", forced, args.device))
         if not args.no_peft and method in ("lora", "vera", "ia3"):
             variants.append(Variant(f"peft {label}", peft_model(copy.deepcopy(base), method, kw.get("r")),

@@ -25,8 +25,8 @@ import torch
 
 import slimtune
 from slimtune import TrainConfig
-from slimtune.evaluate import CausalLMLoss
-from slimtune.train import load_examples, micro_batches, setup, train_step
+from slimtune.train.loop import load_examples, micro_batches, setup, train_step
+from slimtune.train.loss import CausalLMLoss
 
 PRESETS = ["lora", "vera", "tied-lora", "tied-lora-ba", "ia3"]
 
@@ -56,7 +56,7 @@ def main() -> None:
     base_cfg = TrainConfig(batch_size=args.batch, demo_rows=64 * args.batch, eval_generate=0, progress=False,
                            device="cuda" if cuda else "cpu", precision="bf16" if cuda else "fp32", steps=10_000)
     tokenizer = slimtune.load_tokenizer(base_cfg.model)
-    examples = load_examples(base_cfg)
+    examples = load_examples(base_cfg)[:2]  # (train, validation); no skipped rows in the demo data
     runs = {}
     for name in args.presets:
         cfg = dataclasses.replace(base_cfg, method=name, adapter={"r": 256} if name == "vera" else {})

@@ -12,63 +12,18 @@ QUANTIZE = ("none", "nf4", "int8")
 
 
 @dataclass
-class EvalConfig:
-    """What `slimtune eval` measures and where it writes."""
+class Generating:
+    """What both commands share: the model, the adapter, and how answers are generated."""
 
     model: str = field("smollm2-135m", "base model: 'smollm2-135m', a local directory, or a hub name")
-    adapter: str | None = field(None, "adapter directory to evaluate (slimtune's or PEFT's); null = the base model")
-    data: list[str] = field(["demo"], "rows with responses (.json/.jsonl, any training shape), question files "
-                            "with 'turns' (vicuna_bench, mt_bench), or 'demo'")
-    references: str | None = field(None, "FastChat reference answers (.jsonl) for question files")
+    adapter: str | None = field(None, "adapter directory (slimtune's or PEFT's format); null = the base model")
     template: str = field("chat", "chat | alpaca | gist")
-    limit: int = field(0, "evaluate only the first N rows; 0 = all")
-    batch_size: int = field(16, "generation batch size")
-    max_len: int = field(512, "longest example for the loss, in tokens")
-    max_new_tokens: int = field(128, "longest generated response")
-    do_sample: bool = field(False, "sample instead of greedy decoding")
-    temperature: float = field(0.7, "sampling temperature")
-    top_p: float = field(0.9, "nucleus sampling threshold")
-    seed: int = field(0, "seed of sampling and of the pairwise order")
-    quantize: str = field("none", "none | nf4 | int8")
-    device: str = field("auto", "auto | cpu | cuda | cuda:N")
-    out: str = field("eval.jsonl", "per-example results; the summary goes to OUT with .summary.json")
-    judge_url: str | None = field(None, "OpenAI-compatible base URL of a judge, e.g. http://127.0.0.1:8080/v1")
-    judge_model: str = field("judge", "model name sent to the judge")
-    judge_key_env: str = field("SLIMTUNE_JUDGE_KEY", "environment variable holding the judge's API key")
-    pairwise_against: str | None = field(None, "another eval's JSONL: judge pairwise win rate against its answers")
-
-    def problems(self, p: Problems) -> None:
-        choice(p, "template", self.template, TEMPLATES)
-        choice(p, "quantize", self.quantize, QUANTIZE)
-        for name in ("batch_size", "max_len", "max_new_tokens"):
-            at_least(p, name, getattr(self, name), 1)
-        at_least(p, "limit", self.limit, 0)
-        sampling(p, self.temperature, self.top_p)
-
-
-def sampling(p: Problems, temperature: float, top_p: float) -> None:
-    if not temperature > 0:
-        p.add(f"temperature={temperature}", "must be positive", "give e.g. 0.7")
-    if not 0 < top_p <= 1:
-        p.add(f"top_p={top_p}", "a probability mass in (0, 1]", "give e.g. 0.9")
-
-
-@dataclass
-class GenerateConfig:
-    """What `slimtune generate` answers, with which model and adapter."""
-
-    model: str = field("smollm2-135m", "base model: 'smollm2-135m', a local directory, or a hub name")
-    adapter: str | None = field(None, "adapter directory (slimtune's or PEFT's); null = the base model")
-    prompt: list[str] = field([], "prompts, each answered on its own")
-    file: str | None = field(None, "a text file with one prompt per line")
-    template: str = field("chat", "chat | alpaca | gist")
-    max_new_tokens: int = field(128, "longest generated response")
     batch_size: int = field(16, "prompts generated together")
+    max_new_tokens: int = field(128, "longest generated response")
     do_sample: bool = field(False, "sample instead of greedy decoding")
     temperature: float = field(0.7, "sampling temperature")
     top_p: float = field(0.9, "nucleus sampling threshold")
-    seed: int = field(0, "seed of sampling")
-    jsonl: bool = field(False, "print one JSON line per prompt")
+    seed: int = field(0, "seed of sampling (and of the judge's pairwise order)")
     quantize: str = field("none", "none | nf4 | int8: a frozen quantised base")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
 
@@ -77,6 +32,42 @@ class GenerateConfig:
         choice(p, "quantize", self.quantize, QUANTIZE)
         for name in ("batch_size", "max_new_tokens"):
             at_least(p, name, getattr(self, name), 1)
-        sampling(p, self.temperature, self.top_p)
+        if not self.temperature > 0:
+            p.add(f"temperature={self.temperature}", "must be positive", "give e.g. 0.7")
+        if not 0 < self.top_p <= 1:
+            p.add(f"top_p={self.top_p}", "a probability mass in (0, 1]", "give e.g. 0.9")
+
+
+@dataclass
+class EvalConfig(Generating):
+    """What `slimtune eval` measures and where it writes."""
+
+    data: list[str] = field(["demo"], "rows with responses (.json/.jsonl, any training shape), question files "
+                            "with 'turns' (vicuna_bench, mt_bench), or 'demo'")
+    references: str | None = field(None, "FastChat reference answers (.jsonl) for question files")
+    limit: int = field(0, "evaluate only the first N rows; 0 = all")
+    max_len: int = field(512, "longest example for the loss, in tokens")
+    out: str = field("eval.jsonl", "per-example results; the summary goes to OUT with .summary.json")
+    judge_url: str | None = field(None, "OpenAI-compatible base URL of a judge, e.g. http://127.0.0.1:8080/v1")
+    judge_model: str = field("judge", "model name sent to the judge")
+    judge_key_env: str = field("SLIMTUNE_JUDGE_KEY", "environment variable holding the judge's API key")
+    pairwise_against: str | None = field(None, "another eval's JSONL: judge pairwise win rate against its answers")
+
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        at_least(p, "max_len", self.max_len, 1)
+        at_least(p, "limit", self.limit, 0)
+
+
+@dataclass
+class GenerateConfig(Generating):
+    """What `slimtune generate` answers, with which model and adapter."""
+
+    prompt: list[str] = field([], "prompts, each answered on its own")
+    file: str | None = field(None, "a text file with one prompt per line")
+    jsonl: bool = field(False, "print one JSON line per prompt")
+
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
         if not self.prompt and not self.file:
             p.add("no prompt", "nothing to generate from", "pass --prompt TEXT (repeatable) or --file FILE")

@@ -74,22 +74,21 @@ def read_tensors(path: Path, what: str = "tensors") -> tuple[dict[str, torch.Ten
         p.add(f"{path} ({size} bytes)", cause + " (truncated by a crash or a partial copy?)",
               "restore the file, or write it again")
         p.raise_if_any()
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            p.add(f"tensor {k!r} in {path}", "it holds inf or NaN (written by a run that diverged?)",
-                  "use a file written before training diverged, or train again with a lower learning rate")
-            if len(p.items) >= 5:
-                break
+    for k in non_finite(tensors):
+        p.add(f"tensor {k!r} in {path}", "it holds inf or NaN (written by a run that diverged?)",
+              "use a file written before training diverged, or train again with a lower learning rate")
     p.raise_if_any()
     return tensors, meta
 
 
+def non_finite(tensors: dict[str, torch.Tensor], most: int = 5) -> list[str]:
+    """The names of (at most `most`) float tensors that hold inf or NaN."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()][:most]
+
+
 def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     p = Problems(f"{what} refused")
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            p.add(f"tensor {k!r}", "it holds inf or NaN (training diverged?)",
-                  "lower the learning rate and train again; nothing was written")
-            if len(p.items) >= 5:
-                break
+    for k in non_finite(tensors):
+        p.add(f"tensor {k!r}", "it holds inf or NaN (training diverged?)",
+              "lower the learning rate and train again; nothing was written")
     p.raise_if_any()
