@@ -99,11 +99,11 @@ def test_merging_a_method_that_cannot_merge_is_refused_by_name(toy):
 
 def test_each_optimiser_group_takes_its_own_rate_and_decay(toy, tiny_dir, tmp_path):
     run = setup(cfg_for(tiny_dir, tmp_path, method="toy", lr=0.5, lr_vectors=0.25, lr_router=0.125,
-                        weight_decay_router=0.01))
+                        weight_decay_router=0.01, weight_decay_vectors=0.002))
     groups = {g["group"]: g for g in run.opt.param_groups}
     assert set(groups) == {"router", "vector"}
     assert (groups["router"]["lr"], groups["router"]["weight_decay"]) == (0.125, 0.01)
-    assert (groups["vector"]["lr"], groups["vector"]["weight_decay"]) == (0.25, 0.0)
+    assert (groups["vector"]["lr"], groups["vector"]["weight_decay"]) == (0.25, 0.002)
     assert all(p.dim() == 2 for p in groups["router"]["params"]) and all(p.dim() == 1 for p in groups["vector"]["params"])
 
 

@@ -45,7 +45,9 @@ class TrainConfig:
                                      "null = 1e-2")
     lr_router: float | None = field(None, "learning rate of routers (mixtures); null = the matrices' rate")
     lr_embedding: float | None = field(None, "learning rate of trained embedding rows (gist tokens); null = 1e-3")
-    weight_decay: float = field(0.0, "AdamW weight decay on adapter matrices (never on vectors)")
+    weight_decay: float = field(0.0, "AdamW weight decay on adapter matrices")
+    weight_decay_vectors: float = field(0.0, "AdamW weight decay on adapter vectors (0: vectors scale, "
+                                        "and decay would pull them to 0 rather than to their init)")
     weight_decay_router: float = field(0.0, "AdamW weight decay on routers")
     weight_decay_embedding: float = field(0.0, "AdamW weight decay on trained embedding rows")
     schedule: str = field("cosine", "constant | cosine (both after a linear warm-up)")
@@ -94,7 +96,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 p.add(f"{name}={value!r}", "a learning rate must be positive", "give a value > 0 or null")
-        for name in ("weight_decay", "weight_decay_router", "weight_decay_embedding", "max_grad_norm"):
+        for name in ("weight_decay", "weight_decay_vectors", "weight_decay_router", "weight_decay_embedding",
+                     "max_grad_norm"):
             at_least(p, name, getattr(self, name), 0)
         if not 0 <= self.val_fraction < 1:
             p.add(f"val_fraction={self.val_fraction}", "a share of the rows in [0, 1)", "give e.g. 0.05")

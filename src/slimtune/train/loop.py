@@ -109,12 +109,12 @@ def _prepare(examples, tokenizer, cfg: TrainConfig) -> Bt.Prepared:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list]:
     """AdamW with one group per declared optimiser group (matrix, vector, router, embedding),
-    each with its own learning rate and weight decay; vectors never decay."""
+    each with its own learning rate and weight decay."""
     set_trainable(model)
     lr = {"matrix": cfg.lr or DEFAULT_LR["matrix"], "vector": cfg.lr_vectors or DEFAULT_LR["vector"],
           "router": cfg.lr_router or cfg.lr or DEFAULT_LR["matrix"],
           "embedding": cfg.lr_embedding or DEFAULT_LR["embedding"]}
-    decay = {"matrix": cfg.weight_decay, "vector": 0.0, "router": cfg.weight_decay_router,
+    decay = {"matrix": cfg.weight_decay, "vector": cfg.weight_decay_vectors, "router": cfg.weight_decay_router,
              "embedding": cfg.weight_decay_embedding}
     groups = [{"params": ps, "lr": lr[g], "weight_decay": decay[g], "base_lr": lr[g], "group": g}
               for g, ps in param_groups(model).items() if ps]
