@@ -10,11 +10,12 @@ the bottom: errors and configs, models, adapters, formats, data, eval, train, re
 (docs/architecture.md).
 """
 
-from .adapters import (AdapterConfig, AdapterRoot, AuxLoss, IA3Config, LowRankConfig, Method, Part, SiteAdapter,
+from .adapters import (AdapterConfig, AdapterRoot, AuxLoss, IA3Config, LowRankConfig, Method, MoLoRAConfig,
+                       MoVConfig, Part, PESCConfig, SiteAdapter,
                        active_adapter, add_adapter, adapter_names, config_from_dict, count_parameters,
                        delete_adapter, disable_adapters, get_config, merge_adapters, merge_and_unload,
-                       merged_state_dict, param_groups, preset, register_method, register_preset,
-                       set_active_adapter, set_trainable, trainable_parameters, unmerge_adapters)
+                       merged_state_dict, param_groups, preset, register_method, register_preset, router_stats,
+                       set_active_adapter, set_trainable, trainable_parameters, unmerge_adapters, upcycle)
 from .adapters.registry import ALIASES, PRESETS
 from .errors import SlimtuneError
 from .eval.config import EvalConfig, GenerateConfig
@@ -27,10 +28,10 @@ from .version import __version__
 
 __all__ = [
     "ALIASES", "AdapterConfig", "AdapterRoot", "AuxLoss", "DEFAULT_MODEL", "EvalConfig", "GenerateConfig",
-    "IA3Config", "LowRankConfig", "Method", "PRESETS", "Part", "SiteAdapter", "SlimtuneError", "TrainConfig",
+    "IA3Config", "LowRankConfig", "Method", "MoLoRAConfig", "MoVConfig", "PESCConfig", "PRESETS", "Part", "SiteAdapter", "SlimtuneError", "TrainConfig",
     "__version__", "active_adapter", "add_adapter", "adapter_names", "build_on_meta", "config_from_dict",
     "count_parameters", "delete_adapter", "disable_adapters", "export_peft_lora", "get_config", "load_adapter",
     "load_model", "load_tokenizer", "merge_adapters", "merge_and_unload", "merged_state_dict", "param_groups",
     "preset", "register_method", "register_preset", "run_eval", "run_training", "save_adapter",
-    "set_active_adapter", "set_trainable", "trainable_parameters", "unmerge_adapters",
+    "router_stats", "set_active_adapter", "set_trainable", "trainable_parameters", "unmerge_adapters", "upcycle",
 ]

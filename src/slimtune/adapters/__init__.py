@@ -5,20 +5,24 @@ fast path (fast/). Importing this package registers the built-in methods.
 """
 
 from .helpers import (collect_aux_losses, count_parameters, disable_adapters, merge_adapters, merge_and_unload,
-                      merged_state_dict, param_groups, set_trainable, trainable_parameters, unmerge_adapters)
+                      merged_state_dict, param_groups, router_stats, set_trainable, trainable_parameters,
+                      unmerge_adapters)
 from .ia3 import IA3Config  # importing a method's file registers it
 from .inject import (active_adapter, add_adapter, adapter_names, delete_adapter, get_config, set_active_adapter,
                      sites)
 from .lowrank import LowRankConfig, Part
+from .molora import MoLoRAConfig
+from .mov import MoVConfig
+from .pesc import PESCConfig, upcycle
 from .protocol import GROUPS, AdapterRoot, AuxLoss, SiteAdapter
 from .registry import (ALIASES, METHODS, PRESETS, AdapterConfig, Method, config_from_dict, preset, preset_config,
                        register_method, register_preset)
 
 __all__ = [
-    "ALIASES", "AdapterConfig", "AdapterRoot", "AuxLoss", "GROUPS", "IA3Config", "LowRankConfig", "METHODS",
+    "ALIASES", "AdapterConfig", "AdapterRoot", "AuxLoss", "GROUPS", "IA3Config", "LowRankConfig", "METHODS", "MoLoRAConfig", "MoVConfig", "PESCConfig",
     "Method", "PRESETS", "Part", "SiteAdapter", "active_adapter", "add_adapter", "adapter_names",
     "collect_aux_losses", "config_from_dict", "count_parameters", "delete_adapter", "disable_adapters",
     "get_config", "merge_adapters", "merge_and_unload", "merged_state_dict", "param_groups", "preset",
     "preset_config", "register_method", "register_preset", "set_active_adapter", "set_trainable", "sites",
-    "trainable_parameters", "unmerge_adapters",
+    "trainable_parameters", "unmerge_adapters", "upcycle", "router_stats",
 ]

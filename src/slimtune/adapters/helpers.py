@@ -262,3 +262,15 @@ def collect_aux_losses(model: nn.Module, token_mask: torch.Tensor | None = None)
         yield losses
     finally:
         aset.state.aux, aset.state.token_mask = None, None
+
+
+def router_stats(model: nn.Module, name: str | None = None) -> dict[str, dict]:
+    """{site name: {load, entropy, dropped, tokens}} of every routing site of the adapter, counted
+    over the training forwards since the last call (which starts a fresh count)."""
+    out = {}
+    for module_name, site in sites(model, name):
+        take = getattr(site, "take_stats", None)
+        stats = take() if take is not None else None
+        if stats is not None:
+            out[module_name] = stats
+    return out

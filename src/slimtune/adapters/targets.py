@@ -1,9 +1,11 @@
 """Which layers an adapter goes on: module-name patterns and named groups of them.
 
 A pattern matches a module whose dotted name equals it, ends with "." + it, or matches it as
-a glob (`*.mlp.*`). Two names stand for groups the architecture decides:
+a glob (`*.mlp.*`). Some names stand for groups the architecture decides:
 - `all-linear`: every nn.Linear / transformers Conv1D except the LM head, as in PEFT;
-- `attention-input`: the attention's input projections (q, k, v; GPT-2's fused c_attn).
+- `attention-input`: the attention's input projections (q, k, v; GPT-2's fused c_attn);
+- `attention`: every projection of the attention (q, k, v and the output);
+- `ffn`: the feed-forward block's projections (gate, up and down; GPT-2's c_fc and c_proj).
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from ..errors import Problems
 from ..models.layers import adaptable_layers, kind
 
 ALL_LINEAR = "all-linear"
-ATTENTION_INPUT = "attention-input"
-_QKV = ["q_proj", "k_proj", "v_proj"]
-ATTENTION_INPUTS = {"llama": _QKV, "mistral": _QKV, "qwen2": _QKV, "qwen3": _QKV, "gemma": _QKV, "gemma2": _QKV,
-                    "gpt2": ["attn.c_attn"], "t5": ["q", "k", "v"]}
+_LLAMA = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+GROUPS: dict[str, dict[str, list[str]]] = {  # group -> model_type -> patterns
+    "attention-input": {**dict.fromkeys(_LLAMA, ["q_proj", "k_proj", "v_proj"]), "gpt2": ["attn.c_attn"],
+                        "t5": ["q", "k", "v"]},
+    "attention": {**dict.fromkeys(_LLAMA, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                  "gpt2": ["attn.c_attn", "attn.c_proj"], "t5": ["q", "k", "v", "o"]},
+    "ffn": {**dict.fromkeys(_LLAMA, ["gate_proj", "up_proj", "down_proj"]), "gpt2": ["mlp.c_fc", "mlp.c_proj"],
+            "t5": ["wi", "wi_0", "wi_1", "wo"]},
+}
+FFN_BLOCKS = {**dict.fromkeys(_LLAMA, "mlp"), "gpt2": "mlp", "t5": "DenseReluDense"}  # the FFN module's name
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -40,10 +48,10 @@ def match_targets(model: nn.Module, patterns: list[str], what: str = "targets") 
     chosen: dict[str, None] = {}
     leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
     for pat in patterns:
-        if pat == ATTENTION_INPUT:
-            sub = ATTENTION_INPUTS.get(model_type(model) or "")
+        if pat in GROUPS:
+            sub = GROUPS[pat].get(model_type(model) or "")
             if sub is None:
-                problems.add(f"{what} pattern {pat!r}", f"slimtune does not know the attention projections of "
+                problems.add(f"{what} pattern {pat!r}", f"slimtune does not know the {pat} layers of "
                              f"model_type {model_type(model)!r}", f"name them, e.g. {leaves}")
                 continue
             hits = [n for n in layers if any(pattern_matches(s, n) for s in sub)]

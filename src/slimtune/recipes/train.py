@@ -5,6 +5,7 @@
     checkpoints/     the newest cfg.keep_checkpoints checkpoints (train/checkpoint.py)
     adapter/         the final adapter (PEFT's format where PEFT can express it)
     loss.png         train and validation loss curves
+    router_load.png  for mixtures: the share of tokens each expert took, per routing layer, over the run
     summary.json     before/after evaluation, parameter count, time, truncation, skipped rows
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..adapters.helpers import count_parameters
+from ..adapters.helpers import count_parameters, router_stats
 from ..configs import to_dict
 from ..data.batches import pad_id
 from ..errors import Problems
@@ -107,6 +108,47 @@ def plot_losses(metrics: Path, png: Path) -> None:
     plt.close(fig)
 
 
+class RouterLog:
+    """The routers' statistics over a run: logged at every log step (load per expert per site,
+    entropy, tokens dropped), summed for the heat map drawn at the end."""
+
+    def __init__(self):
+        self.load: dict[str, list[float]] = {}  # site -> token slots per expert over the run
+
+    def record(self, model) -> dict:
+        stats = router_stats(model)
+        for site, s in stats.items():
+            total = self.load.setdefault(site, [0.0] * len(s["load"]))
+            self.load[site] = [t + share * s["tokens"] for t, share in zip(total, s["load"])]
+        if not stats:
+            return {}
+        return {"router": {site: {k: s[k] for k in ("load", "entropy", "dropped")} for site, s in stats.items()},
+                "router_entropy": sum(s["entropy"] for s in stats.values()) / len(stats)}
+
+    def plot(self, png: Path) -> None:
+        if not self.load:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.load)
+        rows = [[v / max(sum(self.load[n]), 1e-12) for v in self.load[n]] for n in names]
+        E = max(len(r) for r in rows)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * E, 1.2 + 0.22 * len(names)), dpi=100)
+        im = ax.imshow([r + [float("nan")] * (E - len(r)) for r in rows], aspect="auto", cmap="viridis", vmin=0)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(E))
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.removeprefix("model.").replace("layers.", "") for n in names], fontsize=6)
+        ax.set_title(f"share of token slots per expert (uniform = {1 / E:.3f})", fontsize=8)
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(png)
+        plt.close(fig)
+
+
 def check_out(cfg: TrainConfig) -> None:
     """The output directory can be written: checked before anything loads."""
     out = Path(cfg.out)
@@ -184,7 +226,8 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
         raise Interrupted("interrupted before training started; nothing was trained or written") from None
     if main and not cfg.resume:
         _log(metrics, _val_record(0, before))
-    t0, tokens, losses = time.perf_counter(), 0, {}
+    t0, tokens, losses, routers = time.perf_counter(), 0, {}, RouterLog()
+    router_stats(run.model)  # the evaluation before training is not counted
     bar = tqdm(total=run.total_steps, initial=start, disable=not (cfg.progress and main), unit="step",
                dynamic_ncols=True)
 
@@ -208,7 +251,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
             if main and (step % cfg.log_every == 0 or step == run.total_steps):
                 _log(metrics, {"step": step, "loss": loss, "grad_norm": st.grad_norm, "tokens_per_s": rate,
                                "lr": [g["lr"] for g in run.opt.param_groups],
-                               **{f"aux_{name}": v for name, (v, _) in st.aux.items()}})
+                               **{f"aux_{name}": v for name, (v, _) in st.aux.items()}, **routers.record(run.model)})
             if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps and run.evaluates:
                 val = evaluate_run(run, 0)["loss"]
                 if main:
@@ -234,6 +277,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
         _log(metrics, _val_record(step, after, final=True))
         save_adapter(run.model, out / "adapter", tensors=adapter)
         plot_losses(metrics, out / "loss.png")
+        routers.plot(out / "router_load.png")
         summary.update(before=before, after=after)
         (out / "summary.json").write_text(json.dumps(_finite({k: v for k, v in summary.items() if k != "losses"}),
                                                      indent=1, allow_nan=False))

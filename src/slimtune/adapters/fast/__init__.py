@@ -43,8 +43,9 @@ def reference(on: bool = True):
         _switch["reference"] = before
 
 
-def lowrank(site, base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The site's output through the fast path, or None (the reference then runs)."""
+def lowrank(site, base: torch.nn.Module, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The site's output through the fast path, or None (the reference then runs). `d`: a
+    per-token d (..., r) for sites that compute one (MoLoRA's router weights)."""
     if _switch["reference"] or not fusable(base):
         return None
-    return FastLayer.of(site)(base, x)
+    return FastLayer.of(site)(base, x, d)

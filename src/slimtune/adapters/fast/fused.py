@@ -13,7 +13,8 @@ Per token (`PerTokenLowRank`), keeps xa (if A trains) and a = xa Aᵀ (N, r):
               ∂B̄ = s · gᵀ (a ⊙ d)   ∂B = Λ_b ∂B̄   ∂b = rowsum(∂B̄ ⊙ B)
               ∂A = ∂aᵀ xa            ∂x = g W0 (+ ∂a A in the same buffer when xa is x)
 Given a (computed once for a group of sibling layers by `LowRankDown`), it returns ∂a instead
-of ∂A and ∂a A.
+of ∂A and ∂a A. d may also be per token, (N, r) (MoLoRA's router weights, repeated r times
+per expert): then ∂d = s · u ⊙ a, row by row.
 
 Dense (`DenseLowRank`, no dropout), keeps x or a = x Aᵀ (keep_a; given by siblings or made
 here, no gradient through it) and rebuilds ΔW in the backward:
@@ -79,7 +80,7 @@ class PerTokenLowRank(torch.autograd.Function):
         if into_x or need[1] or need[4] or need[6] or need_a:
             ga = rows(g2, Bb, skinny, s, a)  # ∂(a ⊙ d) (N, r)
             if need[6]:
-                gd = (ga * a).sum(0)  # (r,)
+                gd = ga * a if d.dim() == 2 else (ga * a).sum(0)  # (N, r) per token, else (r,)
             if d is not None:
                 ga = ga * d  # ∂a (N, r)
             if need[4]:

@@ -66,7 +66,10 @@ class FastLayer:
         return siblings_of(self.site).same_a(self)
 
     def form(self, x: torch.Tensor, parts) -> str:
-        """One of FORMS for this call: the cheapest for its batch, summed over its siblings."""
+        """One of FORMS for this call: the cheapest for its batch, summed over its siblings. A
+        site whose d is per token (MoLoRA) has no weight to fold: always per token."""
+        if getattr(self.site, "per_token_d", False):
+            return "per-token"
         trains = self.trained(parts)
         training = torch.is_grad_enabled() and any(trains.values())
         if training and self.dropping():
@@ -87,8 +90,10 @@ class FastLayer:
         dropout, or "dense-a" (siblings.py asks before computing the group's a)."""
         return not self.dropping() and self.form(x, self.site.parts()) != "dense"
 
-    def __call__(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, base: nn.Module, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         parts = self.site.parts()  # resolved once per call
+        if d is not None:  # a per-token d (..., r): its rows stand in for the vector d
+            parts = (parts[0], parts[1], d.reshape(-1, d.shape[-1]), parts[3])
         form = self.form(x, parts)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # the functions compute in autocast's dtype, cast here as autocast would
