@@ -208,6 +208,15 @@ def test_resume_refuses_changed_settings_unless_allowed(tiny_dir, tmp_path, caps
     assert train(tiny_dir, out, "--steps", "4", "--resume", "--lr", "0.002", "--allow_config_change", "true") == 0
 
 
+def test_a_fresh_run_into_a_used_out_is_refused(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_dir, out, "--save_every", "1") == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert train(tiny_dir, out) == 2
+    assert "checkpoints of an earlier run" in error_of(capsys)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # nothing lost
+
+
 def test_leftovers_of_a_crash_are_cleaned_up(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints" / ".tmp-step-000007-12345").mkdir(parents=True)

@@ -163,11 +163,13 @@ def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
     data = (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
     (tmp_path / "cut" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     model = clone(base)
+    model.lm_head.weight.requires_grad_(True)  # a user's choice, which a failed load must not undo
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for bad, words in (("mixed", "expected \\(8, 32\\)"), ("cut", "truncated")):
         with pytest.raises(slimtune.SlimtuneError, match=words):
             slimtune.load_adapter(model, tmp_path / bad)
         assert not slimtune.adapter_names(model) and model.state_dict().keys() == state.keys()
+        assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
     x = batch(base)
     assert torch.equal(logits(slimtune.load_adapter(model, tmp_path / "good"), x), logits(good, x))
 

@@ -235,7 +235,8 @@ def test_cli_end_to_end(tiny_dir, tmp_path, capsys):
     assert main(["generate", "--model", tiny_dir, "--adapter", str(out / "adapter"), "--prompt", "Add 1 and 2",
                  "--max_new_tokens", "3", "--jsonl"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["prompt"] == "Add 1 and 2"
-    assert main(["train", "--model", tiny_dir, "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert main(["train", "--model", tiny_dir, "--data", str(tmp_path / "missing.jsonl"), "--out",
+                 str(tmp_path / "run2")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
 
 

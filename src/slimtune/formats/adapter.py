@@ -187,11 +187,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEF
     """Add the adapter saved in `directory` (slimtune's or PEFT's format) to `model` under
     `name`, in place. All or nothing: on any error the model is left as it was."""
     cfg, tensors, _ = read_adapter(directory, model)
+    trainable = {id(p): p.requires_grad for p in model.parameters()}  # add_adapter freezes the base
     add_adapter(model, cfg, name)
     try:
         copy_into_adapter(model, tensors, str(directory), name)
     except BaseException:
         delete_adapter(model, name)
+        for p in model.parameters():
+            p.requires_grad_(trainable.get(id(p), p.requires_grad))
         raise
     return model
 

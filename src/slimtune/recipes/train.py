@@ -158,6 +158,9 @@ def check_out(cfg: TrainConfig) -> None:
     elif cfg.resume and not (out / "checkpoints").is_dir():
         p.add(f"resume=true with out={cfg.out!r}", "no checkpoints under it",
               "drop --resume to start fresh, or point --out at the run to continue")
+    elif not cfg.resume and any((out / "checkpoints").glob("step-*")):
+        p.add(f"out={cfg.out!r}", "it holds the checkpoints of an earlier run, which a fresh run would mix "
+              "with its own", "continue that run with --resume, or give a new --out (or delete the old one)")
     p.raise_if_any()
 
 
