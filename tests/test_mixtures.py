@@ -339,3 +339,29 @@ def test_each_mixture_trains_through_the_cli_and_draws_its_router_load(method, t
     assert (out / "router_load.png").stat().st_size > 1000
     model = slimtune.load_adapter(slimtune.load_model(tiny_dir), out / "adapter")
     assert slimtune.get_config(model).method == {"mixlora": "molora"}.get(method, method)
+
+
+def test_the_upcycled_export_loads_in_transformers_with_its_own_code(tiny_dir, tmp_path, capsys):
+    """A trained PESC adapter, exported by `slimtune upcycle` with its LoRA merged, loads with
+    AutoModelForCausalLM(trust_remote_code=True) and computes what slimtune computes."""
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.cli import main
+
+    assert main(["train", "--model", tiny_dir, "--method", "pesc", "--steps", "3", "--batch_size", "4",
+                 "--demo_rows", "40", "--eval_generate", "0", "--lr", "1e-2", "--out", str(tmp_path / "run"),
+                 "--progress", "false"]) == 0
+    assert main(["upcycle", "--model", tiny_dir, "--adapter", str(tmp_path / "run" / "adapter"), "--out",
+                 str(tmp_path / "up")]) == 0
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    ours = slimtune.load_adapter(slimtune.load_model(tiny_dir), tmp_path / "run" / "adapter").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "up", trust_remote_code=True).eval()
+    assert type(theirs).__name__ == "PESCForCausalLM" and not any("lora" in k for k in theirs.state_dict())
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+        assert (ours(ids).logits - slimtune.load_model(tiny_dir)(ids).logits).abs().max() > 1e-4  # it trained
+    assert main(["upcycle", "--model", tiny_dir, "--out", str(tmp_path / "fresh"), "--experts", "4"]) == 0
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh", trust_remote_code=True).eval()
+    with torch.no_grad():  # at step 0 the upcycled model is the dense one
+        torch.testing.assert_close(fresh(ids).logits, slimtune.load_model(tiny_dir)(ids).logits, atol=1e-5, rtol=0)

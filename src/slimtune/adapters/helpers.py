@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import Problems
 from ..models.layers import is_linear, is_quantized, weight_oi
-from .inject import adapter_names, adapter_set, delete_adapter, get_config, hosts, root, sites
+from .inject import adapter_names, adapter_set, delete_adapter, get_config, holder, hosts, root, sites
 from .protocol import AdapterSet, AuxLoss, Declares
 
 SHARED_PREFIX = "slimtune_shared"
@@ -199,6 +199,29 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         host.merged = None  # the weights stay folded; the adapters go
     for n in adapter_names(model):
         delete_adapter(model, n)
+    return model
+
+
+@torch.no_grad()
+def fold_mergeable(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold the adapter's mergeable sites (PESC's LoRA, say) into their base weights and remove
+    them, in place; the sites that cannot merge stay. All or nothing, like merge_adapters."""
+    r = root(model, name)
+    if r is None:
+        return model
+    p = Problems("merge refused")
+    todo = [(n, h, h.adapters[r.name]) for n, h in hosts(model) if r.name in h.adapters and h.adapters[r.name].mergeable]
+    new = {n: _folded(model, n, h, site, p) for n, h, site in todo}
+    p.raise_if_any()
+    for module_name, host, _ in sorted(todo, key=lambda t: -t[0].count(".")):  # inner hosts first
+        w, b = new[module_name]
+        weight_oi(host.base).copy_(w)
+        if b is not None:
+            host.base.bias.copy_(b)
+        del host.adapters[r.name]
+        if not len(host.adapters):
+            parent, attr = holder(model, module_name)
+            setattr(parent, attr, host.base)
     return model
 
 

@@ -87,7 +87,7 @@ def sites(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, Site
             yield host_name, host.adapters[r.name]
 
 
-def _holder(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def holder(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """(parent, attribute) that holds the module `name` (a logical name: hosts looked through)."""
     parent = module = model
     for part in name.split("."):
@@ -98,7 +98,7 @@ def _holder(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def place(model: nn.Module, name: str, adapter_name: str, site: SiteAdapter, aset: AdapterSet) -> None:
     """Put `site` around the module `name`, in a host (a new one, or the one already there)."""
-    parent, attr = _holder(model, name)
+    parent, attr = holder(model, name)
     current = getattr(parent, attr)
     if not isinstance(current, AdapterHost):
         current = AdapterHost(current, aset.state)
@@ -168,7 +168,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in host.adapters:
             del host.adapters[name]
         if not len(host.adapters):
-            parent, attr = _holder(model, host_name)
+            parent, attr = holder(model, host_name)
             setattr(parent, attr, host.base)
     aset = adapter_set(model)
     del aset.roots[name]

@@ -44,6 +44,17 @@ class ExportConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """`slimtune upcycle`: a PESC-upcycled model as a standalone transformers directory."""
+
+    model: str = field("smollm2-135m", "the dense base model")
+    adapter: str | None = field(None, "a trained PESC adapter; null = upcycle at step 0 (equal to the dense "
+                                "model), with the PESC flags given")
+    out: str = field("upcycled", "directory to write: loads with AutoModelForCausalLM.from_pretrained("
+                     "OUT, trust_remote_code=True)")
+
+
+@dataclass
 class CheckConfig:
     """`slimtune check`: the core's checks for every method on a real model."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..adapters.helpers import count_parameters
 from ..adapters.inject import add_adapter
+from ..adapters.pesc import PESCConfig
 from ..adapters.registry import config_classes, config_from_dict, method_names, preset_config
 from ..configs import from_dict, merge_overrides, to_dict
 from ..data.demo import demo_split
@@ -28,13 +29,13 @@ from ..formats.adapter import save_adapter
 from ..models.load import build_on_meta, load_model, shipped_configs
 from ..recipes.check import run_check
 from ..recipes.evaluate import run_eval
-from ..recipes.export import run_export
+from ..recipes.export import run_export, run_upcycle
 from ..recipes.generate import print_answers, run_generate
 from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
 from ..train.loop import Interrupted
 from ..train.parallel import shutdown
-from .commands import CheckConfig, DemoDataConfig, ExportConfig, NewConfig, ParamsConfig
+from .commands import CheckConfig, DemoDataConfig, ExportConfig, NewConfig, ParamsConfig, UpcycleConfig
 from .flags import add_config_flags, flag_values, read_config_file
 
 ADAPTER_ALIASES = {"r": ["--rank"]}
@@ -87,6 +88,15 @@ def cmd_export(args, fmt: str | None = None) -> int:
     cfg = _config(args, ExportConfig)
     out = run_export(cfg.model, cfg.adapter, cfg.out, fmt or cfg.format)
     print(f"wrote {fmt or cfg.format} export to {out}")
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    cfg = _config(args, UpcycleConfig)
+    pesc = preset_config("pesc", flag_values(args, "adapter"))
+    out = run_upcycle(cfg.model, cfg.adapter, cfg.out, pesc)
+    print(f"wrote the upcycled model to {out}; load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
     return 0
 
 
@@ -153,14 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     methods = f"adapter preset: one of {method_names()}"
 
-    def command(name: str, cls, fn, help: str, adapter: bool = False, adapter_prefix: str = "",
+    def command(name: str, cls, fn, help: str, adapter: bool | tuple = False, adapter_prefix: str = "",
                 config_file: str | None = None):
         p = sub.add_parser(name, help=help, description=help)
         if config_file:
             p.add_argument("--config", help=config_file)
         add_config_flags(p, (cls,), dest="cmd", skip=("config",) if config_file else ())
         if adapter:
-            add_config_flags(p, config_classes(), dest="adapter", skip=("method", "preset"), aliases={"r": ["--rank"]},
+            add_config_flags(p, adapter if isinstance(adapter, tuple) else config_classes(), dest="adapter", skip=("method", "preset"), aliases={"r": ["--rank"]},
                              flag_prefix=adapter_prefix)
         p.set_defaults(fn=fn, file_config=config_file is not None and cls is not ParamsConfig and cls is not NewConfig)
         return p
@@ -178,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
             "PEFT's own format (peft), or a merged transformers model (merged)")
     command("merge", ExportConfig, lambda a: cmd_export(a, "merged"),
             "fold an adapter into its base model and save the result (export --format merged)")
+    command("upcycle", UpcycleConfig, cmd_upcycle, "PESC: upcycle a dense model into a mixture of adapter experts "
+            "and write it as a standalone transformers directory (LoRA merged)", adapter=(PESCConfig,))
     command("check", CheckConfig, cmd_check, "load the default model and check every method on it end to end")
     command("demo-data", DemoDataConfig, cmd_demo_data, "write the built-in demo data as JSONL")
     for name in ("params", "new"):

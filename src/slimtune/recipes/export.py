@@ -14,18 +14,41 @@ from pathlib import Path
 from ..adapters.helpers import merge_and_unload
 from ..adapters.inject import get_config
 from ..errors import Problems
+from ..adapters.inject import add_adapter
+from ..adapters.pesc import PESCConfig
 from ..formats.adapter import export_peft_lora, load_adapter, save_adapter
 from ..formats.peft import peft_type
+from ..formats.upcycled import export_upcycled
 from ..models.load import load_model, load_tokenizer
 
 FORMATS = ("peft-lora", "peft", "merged")
 
 
-def run_export(model_name: str, adapter: str, out: str, fmt: str) -> Path:
+def _out_dir(out: str) -> Path:
     target = Path(out)
-    p = Problems("cannot export")
     if target.exists() and not target.is_dir():
+        p = Problems("cannot export")
         p.add(f"out={out!r}", "it is a file, not a directory", "give a directory to write into")
+        p.raise_if_any()
+    return target
+
+
+def run_upcycle(model_name: str, adapter: str | None, out: str, cfg: PESCConfig) -> Path:
+    """The dense model upcycled with PESC (a trained adapter, or a fresh one: the dense model at
+    step 0), its LoRA merged, as a standalone transformers directory."""
+    target = _out_dir(out)
+    model = load_model(model_name)
+    model = load_adapter(model, adapter) if adapter else add_adapter(model, cfg)
+    try:
+        tokenizer = load_tokenizer(model_name)
+    except (OSError, ValueError):
+        tokenizer = None  # a model directory without a tokenizer
+    return export_upcycled(model, target, tokenizer)
+
+
+def run_export(model_name: str, adapter: str, out: str, fmt: str) -> Path:
+    target = _out_dir(out)
+    p = Problems("cannot export")
     if fmt not in FORMATS:
         p.add(f"format={fmt!r}", "not an export format", f"use one of {list(FORMATS)}")
     p.raise_if_any()
