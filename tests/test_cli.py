@@ -81,3 +81,13 @@ def test_new_merge_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(**x).logits, model(**x).logits, atol=1e-5, rtol=0)
         assert (merged(**x).logits - base(**x).logits).abs().max() > 1e-3
+
+
+def test_check_passes_for_every_preset(tiny_dir, capsys):
+    """`slimtune check` on a tiny model: every preset, mixtures included (their merge refused)."""
+    assert main(["check", "--model", tiny_dir]) == 0
+    printed = capsys.readouterr().out
+    assert "all checks passed" in printed
+    for name in slimtune.PRESETS:
+        assert f"\n{name} " in printed
+    assert printed.count("refused") == 4  # mov, molora, mixlora, pesc

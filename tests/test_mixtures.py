@@ -365,3 +365,18 @@ def test_the_upcycled_export_loads_in_transformers_with_its_own_code(tiny_dir, t
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh", trust_remote_code=True).eval()
     with torch.no_grad():  # at step 0 the upcycled model is the dense one
         torch.testing.assert_close(fresh(ids).logits, slimtune.load_model(tiny_dir)(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_pesc_trains_over_a_4bit_base(tiny_dir, tmp_path):
+    """The QLoRA of the paper: a frozen NF4 base under PESC's LoRA, its adapters and routers in
+    float32."""
+    pytest.importorskip("bitsandbytes")
+    from slimtune.train.loop import setup, train_step
+    from test_train import cfg_for
+
+    run = setup(cfg_for(tiny_dir, tmp_path, method="pesc", quantize="nf4", steps=4))
+    host = run.model.model.layers[0].mlp
+    assert type(host.base.gate_proj.base).__name__ == "Linear4bit"  # PESC's block around the NF4 FFN, LoRA inside
+    assert all(p.dtype == torch.float32 for p in run.params)
+    losses = [train_step(run, s).loss for s in range(4)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]

@@ -101,7 +101,8 @@ class MoLoRALinear(Routed, SiteAdapter):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """d(x) = p(x) ⊗ 1_r: each expert's weight repeated over its r rank slots, (B, T, E·r)."""
-        return self.route(x, self.W_r).repeat_interleave(self.expert_rank, -1)
+        w = self.route(x, self.W_r)  # (B, T, E)
+        return w[..., None].expand(*w.shape, self.expert_rank).reshape(*w.shape[:-1], -1)
 
     def forward(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         d = self.gate(x)  # (B, T, E·r)

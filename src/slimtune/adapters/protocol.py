@@ -76,6 +76,7 @@ class AdapterState:
     enabled: bool = True
     token_mask: torch.Tensor | None = None  # (B, T) real tokens of the batch being run, for aux losses
     aux: list[AuxLoss] | None = None  # collecting when a list
+    count_routing: bool = True  # routers count what they route in training forwards (the loop: on logged steps)
 
 
 class Declares(nn.Module):

@@ -44,12 +44,12 @@ class Routing:
     def weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(w, probs): per-token expert weights (…, E), zero where an expert is not chosen, and the
         softmax over every expert (…, E), both float32, from float32 logits."""
-        probs = torch.softmax(logits, -1)  # (..., E)
+        probs = softmax(logits)  # (..., E)
         if self.soft:
             return probs, probs
         kept, idx = logits.topk(self.top_k, -1)  # (..., k)
         if self.renormalize:  # softmax over the kept logits only
-            w = torch.zeros_like(probs).scatter(-1, idx, torch.softmax(kept, -1))
+            w = torch.zeros_like(probs).scatter(-1, idx, softmax(kept))
         else:
             w = probs * torch.zeros_like(probs).scatter(-1, idx, 1.0)
         return w, probs
@@ -98,7 +98,7 @@ class RouterStats:
             sent = w if soft else (w > 0).to(w.dtype)
             self.load += (sent * keep[..., None]).sum(tuple(range(w.dim() - 1))).to(self.load)
             ent = -(probs * probs.clamp_min(1e-12).log()).sum(-1)  # (...,)
-            self.entropy += float(ent[keep].sum())
+            self.entropy += float((ent * keep).sum())
             self.tokens += int(keep.sum())
 
     def summary(self) -> dict:
@@ -118,12 +118,22 @@ def init_router(experts: int, width: int, gen: torch.Generator, device, dtype) -
 
 def router_logits(x: torch.Tensor, W_r: torch.Tensor) -> torch.Tensor:
     """x W_rᵀ in float32 (…, E), whatever dtype the model runs in."""
-    return F.linear(x.float(), W_r.float())
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), W_r.float())
+
+
+def softmax(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension. Over a handful of experts CPU's kernel runs faster on the
+    transposed layout (the experts as rows); the same values."""
+    if logits.is_cpu and logits.shape[-1] <= 64:
+        return torch.softmax(logits.transpose(-1, -2), -2).transpose(-1, -2)
+    return torch.softmax(logits, -1)
 
 
 class Routed:
     """Mixed into a site adapter that routes: its Routing, its auxiliary losses (reported while
-    training) and its statistics (counted while training, read and reset by `take_stats`)."""
+    training) and its statistics (counted in training forwards while the adapter state's
+    `count_routing` is on, read and reset by `take_stats`)."""
 
     def set_routing(self, cfg) -> None:
         self.routing = Routing(cfg.experts, cfg.top_k, cfg.renormalize)
@@ -149,9 +159,10 @@ class Routed:
             if self.z_weight:
                 m = mask if logits.dim() == 3 else mask[..., None].expand(logits.shape[:-1]) / logits.shape[2]
                 self.report("z_loss", z_loss(logits, m), self.z_weight)
-            if self.stats is None:
-                self.stats = RouterStats(torch.zeros(w.shape[-1], device=w.device))
-            self.stats.add(w, probs, mask, soft)
+            if self.root.state.count_routing:
+                if self.stats is None:
+                    self.stats = RouterStats(torch.zeros(w.shape[-1], device=w.device))
+                self.stats.add(w, probs, mask, soft)
         return w
 
     def take_stats(self) -> dict | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..adapters.helpers import count_parameters, router_stats
+from ..adapters.inject import adapter_set
 from ..configs import to_dict
 from ..data.batches import pad_id
 from ..errors import Problems
@@ -109,8 +110,8 @@ def plot_losses(metrics: Path, png: Path) -> None:
 
 
 class RouterLog:
-    """The routers' statistics over a run: logged at every log step (load per expert per site,
-    entropy, tokens dropped), summed for the heat map drawn at the end."""
+    """The routers' statistics over a run: counted on every logged step (load per expert per
+    site, entropy, tokens dropped), summed for the heat map drawn at the end."""
 
     def __init__(self):
         self.load: dict[str, list[float]] = {}  # site -> token slots per expert over the run
@@ -231,6 +232,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
         _log(metrics, _val_record(0, before))
     t0, tokens, losses, routers = time.perf_counter(), 0, {}, RouterLog()
     router_stats(run.model)  # the evaluation before training is not counted
+    aset = adapter_set(run.model)
     bar = tqdm(total=run.total_steps, initial=start, disable=not (cfg.progress and main), unit="step",
                dynamic_ncols=True)
 
@@ -245,6 +247,8 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     step = start
     try:
         while step < run.total_steps:
+            if aset is not None:  # routers count on the steps that are logged (a sample, at no cost between)
+                aset.state.count_routing = (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps
             st = train_step(run, step)
             step, tokens, loss = step + 1, tokens + st.tokens, st.loss
             losses[step] = loss
