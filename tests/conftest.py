@@ -25,7 +25,7 @@ ARCHS = {
                                                       num_layers=2, num_decoder_layers=2,
                                                       feed_forward_proj="gated-gelu", decoder_start_token_id=0)),
 }
-METHODS = ["lora", "vera", "tied-lora", "tied-lora-ba", "tied-lora-paper", "ia3", "mov", "molora", "mixlora", "pesc"]
+METHODS = ["lora", "full", "vera", "tied-lora", "tied-lora-ba", "tied-lora-paper", "ia3", "mov", "molora", "mixlora", "pesc"]
 MIXTURES = ["mov", "molora", "mixlora", "pesc"]  # they route per token and do not merge
 SMALL_RANK = {"vera": 16}  # keep VeRA's shared pair small on tiny models
 

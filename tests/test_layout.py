@@ -23,7 +23,8 @@ MAY_IMPORT = {
     "eval": {"models", "data"},
     "train": {"models", "adapters", "formats", "data"},
     "recipes": {"models", "adapters", "formats", "data", "eval", "train"},
-    "cli": {"models", "adapters", "formats", "data", "eval", "train", "recipes"},
+    "serve": {"models", "adapters", "formats", "data", "eval", "recipes"},
+    "cli": {"models", "adapters", "formats", "data", "eval", "train", "recipes", "serve"},
 }
 
 

@@ -131,7 +131,7 @@ def _refuse_unmergeable(model: nn.Module, name: str | None, p: Problems) -> None
 def _folded(model: nn.Module, module_name: str, host, site, p: Problems, merge: bool = True):
     """(W, b) of host's base with site folded in (or out), float32; None with a problem added."""
     base = host.base
-    if not is_linear(base):
+    if not (is_linear(base) or isinstance(base, nn.Embedding)):  # an embedding: the gist row (gist.py)
         p.add(f"layer {module_name} ({type(base).__name__})", "only linear layers can take a merged adapter",
               "keep the adapter unmerged")
         return None

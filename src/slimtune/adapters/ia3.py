@@ -21,6 +21,7 @@ from torch import nn
 from ..configs import field
 from ..errors import Problems
 from ..models.layers import dims, get_module
+from .fast.rows import ia3_rows
 from .protocol import AdapterRoot, SiteAdapter
 from .registry import AdapterConfig, Method, register_method, register_preset
 from .targets import match_targets, model_type
@@ -53,6 +54,8 @@ class IA3Config(AdapterConfig):
 
 class IA3Linear(SiteAdapter):
     """l ⊙ (W0 x) on an output site, W0 (l ⊙ x) on an input site."""
+
+    rows = staticmethod(ia3_rows)  # mixed batches: every row's l gathered (fast/rows.py)
 
     def __init__(self, base: nn.Module, root: AdapterRoot, where: str, span: tuple[float, float], init: torch.Tensor):
         super().__init__(root)

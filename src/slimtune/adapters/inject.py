@@ -12,8 +12,10 @@ built every site, so a failure leaves the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from ..errors import Problems
@@ -106,9 +108,10 @@ def place(model: nn.Module, name: str, adapter_name: str, site: SiteAdapter, ase
     current.adapters[adapter_name] = site
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME) -> nn.Module:
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAME, share: bool = True) -> nn.Module:
     """Freeze the base model and add the adapter `config` describes under `name`, in place.
-    The first adapter added becomes the active one."""
+    The first adapter added becomes the active one. With `share`, frozen tensors equal to
+    another adapter's become that adapter's (`share_frozen`)."""
     p = Problems("cannot add an adapter")
     if getattr(config, "method", None) not in METHODS:
         p.add(f"config {type(config).__name__}", "its method is not registered",
@@ -137,7 +140,47 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAM
     aset.roots[name] = adapter
     if aset.state.active is None:
         aset.state.active = name
+    aset.state.version += 1
+    if share:
+        share_frozen(model, name)
     return model
+
+
+@torch.no_grad()
+def share_frozen(model: nn.Module, name: str) -> None:
+    """Frozen tensors of adapter `name` equal to another adapter's (VeRA's random pair drawn
+    from the same seed) become that adapter's own: one copy in memory for any number of
+    adapters, and a mixed batch computes their product once (fast/rows.py)."""
+    aset = adapter_set(model)
+    new = aset.roots[name]
+    for key, t in new.frozen_tensors().items():
+        for other_name, other in aset.roots.items():
+            o = other.frozen_tensors().get(key) if other_name != name else None
+            if (o is not None and o is not t and o.shape == t.shape and o.dtype == t.dtype and o.device == t.device
+                    and torch.equal(o, t)):
+                new._buffers[key] = o
+                break
+    aset.state.version += 1
+
+
+@contextlib.contextmanager
+def adapter_rows(model: nn.Module, rows: list[str | None]):
+    """Within the block, row i of every batch computes with adapter rows[i] (None: the base
+    model): a mixed batch, for inference."""
+    known = set(adapter_names(model))
+    bad = sorted({r for r in rows if r is not None and r not in known})
+    if bad:
+        _no_such(model, bad[0])
+    aset = adapter_set(model)
+    if aset is None:
+        yield model
+        return
+    before = aset.state.rows
+    aset.state.rows = tuple(rows)
+    try:
+        yield model
+    finally:
+        aset.state.rows = before
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -172,6 +215,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             setattr(parent, attr, host.base)
     aset = adapter_set(model)
     del aset.roots[name]
+    aset.state.version += 1
     if aset.state.active == name:
         aset.state.active = None
     if not len(aset.roots):

@@ -27,6 +27,7 @@ from ..configs import field
 from ..errors import Problems, did_you_mean
 from ..models.layers import block, dims, get_module, kind
 from .fast import lowrank as fast_path
+from .fast.rows import lowrank_rows
 from .protocol import AdapterRoot, SiteAdapter, init_tensor
 from .registry import AdapterConfig, Method, register_method, register_preset
 from .targets import match_targets
@@ -114,6 +115,8 @@ class LowRankConfig(AdapterConfig):
 
 class LowRankLinear(SiteAdapter):
     """h = W0 x + s · Λ_b B Λ_d A x around one linear layer (nn.Linear or GPT-2's Conv1D)."""
+
+    rows = staticmethod(lowrank_rows)  # mixed batches: every row's parts gathered (fast/rows.py)
 
     def __init__(self, base: nn.Module, config: LowRankConfig, root: AdapterRoot, shared_keys: dict[str, str],
                  local: dict[str, tuple[torch.Tensor, bool]]):

@@ -77,6 +77,8 @@ class AdapterState:
     token_mask: torch.Tensor | None = None  # (B, T) real tokens of the batch being run, for aux losses
     aux: list[AuxLoss] | None = None  # collecting when a list
     count_routing: bool = True  # routers count what they route in training forwards (the loop: on logged steps)
+    rows: tuple[str | None, ...] | None = None  # mixed batches: the adapter of each row (None: the base)
+    version: int = 0  # bumped when adapters are added, removed or loaded: per-row stacks are rebuilt
 
 
 class Declares(nn.Module):
@@ -112,6 +114,9 @@ class SiteAdapter(Declares):
     mergeable ones `merge_into` and `unmerge_from` on the base's (out, in) weight."""
 
     mergeable: ClassVar[bool] = True
+    # Mixed batches: `rows(base, sites, x)` computes every row with its own site (None: the base)
+    # in one batched computation, or returns None; the host then runs each adapter's rows apart.
+    rows: ClassVar = None
 
     def __init__(self, root: "AdapterRoot"):
         super().__init__()
@@ -166,8 +171,50 @@ class AdapterHost(nn.Module):
         return self.adapters[state.active] if state.active in self.adapters else None
 
     def forward(self, *args, **kwargs):
+        state = self._state[0]
+        if state.rows is not None and state.enabled and self.merged is None:
+            return self.forward_rows(state.rows, *args, **kwargs)
         site = self.active()
         return self.base(*args, **kwargs) if site is None else site(self.base, *args, **kwargs)
+
+    def forward_rows(self, rows: tuple[str | None, ...], x: torch.Tensor, *args, **kwargs):
+        """A mixed batch: row i of x through adapter rows[i] (None or an adapter this module does
+        not carry: the base). Sites of one kind that can (`SiteAdapter.rows`) compute all rows
+        together; otherwise each adapter's rows run as a sub-batch, the reference."""
+        if x.shape[0] != len(rows):
+            raise ValueError(f"a mixed batch names {len(rows)} rows' adapters, but the input has {x.shape[0]} rows")
+        sites = [self.adapters[n] if n in self.adapters else None for n in rows]
+        kinds = {type(s) for s in sites if s is not None}
+        if not kinds:
+            return self.base(x, *args, **kwargs)
+        if len(kinds) == 1 and not args and not kwargs:
+            kind = next(iter(kinds))
+            if kind.rows is not None:
+                y = kind.rows(self.base, sites, x)
+                if y is not None:
+                    return y
+        return self.grouped_rows(rows, x, *args, **kwargs)
+
+    def grouped_rows(self, rows: tuple[str | None, ...], x: torch.Tensor, *args, **kwargs):
+        """The reference for mixed batches: each adapter's rows as a sub-batch of their own, run
+        with that adapter active (so hosts inside this module's base, PESC's FFN layers, use it
+        too)."""
+        state = self._state[0]
+        saved = state.rows, state.active, state.enabled
+        out = None
+        try:
+            state.rows = None
+            for name in dict.fromkeys(rows):
+                idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
+                state.active, state.enabled = name, name is not None
+                site = self.adapters[name] if name in self.adapters else None
+                y = self.base(x[idx], *args, **kwargs) if site is None else site(self.base, x[idx], *args, **kwargs)
+                if out is None:
+                    out = y.new_empty((len(rows),) + tuple(y.shape[1:]))
+                out[idx] = y
+        finally:
+            state.rows, state.active, state.enabled = saved
+        return out
 
     def __getattr__(self, name: str):
         try:

@@ -73,3 +73,18 @@ class DemoDataConfig:
     def problems(self, p: Problems) -> None:
         at_least(p, "train", self.train, 1)
         at_least(p, "eval", self.eval, 1)
+
+
+@dataclass
+class GistCompressConfig:
+    """`slimtune gist compress`: an instruction's gist cache, as a small safetensors file."""
+
+    model: str = field("smollm2-135m", "the base model the gist adapter was trained on")
+    adapter: str = field("runs/slimtune/adapter", "an adapter trained with gist tokens (slimtune train --gist K)")
+    instruction: str = field("", "the instruction to compress")
+    out: str = field("gist.safetensors", "the cache file to write")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N")
+
+    def problems(self, p: Problems) -> None:
+        if not self.instruction.strip():
+            p.add("instruction ''", "nothing to compress", "pass --instruction TEXT")

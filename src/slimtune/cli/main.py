@@ -3,9 +3,12 @@
     slimtune train  [--method vera] [--config run.yaml] [--adapter.r 16] ...
     slimtune eval   --adapter runs/slimtune/adapter
     slimtune generate --adapter DIR --prompt "..."
+    slimtune gist compress --adapter DIR --instruction "..." --out gist.safetensors
+    slimtune generate --adapter DIR --gist gist.safetensors --input "..." --input "..."
     slimtune params --model llama-2-7b --method vera --rank 256
     slimtune new    --model DIR --method lora --r 16 --out adapter/
     slimtune export --adapter DIR --format peft-lora|peft|merged --out OUT
+    slimtune serve  --adapter support=runs/support/adapter   # OpenAI-compatible, 127.0.0.1:8000
     slimtune check                      # the core on the default model, end to end
 """
 
@@ -31,11 +34,15 @@ from ..recipes.check import run_check
 from ..recipes.evaluate import run_eval
 from ..recipes.export import run_export, run_upcycle
 from ..recipes.generate import print_answers, run_generate
+from ..recipes.gist import run_compress, run_gist_generate
+from ..serve.config import ServeConfig
+from ..serve.server import run_server
 from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
 from ..train.loop import Interrupted
 from ..train.parallel import shutdown
-from .commands import CheckConfig, DemoDataConfig, ExportConfig, NewConfig, ParamsConfig, UpcycleConfig
+from .commands import (CheckConfig, DemoDataConfig, ExportConfig, GistCompressConfig, NewConfig, ParamsConfig,
+                       UpcycleConfig)
 from .flags import add_config_flags, flag_values, read_config_file
 
 ADAPTER_ALIASES = {"r": ["--rank"]}
@@ -142,7 +149,28 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     cfg = _config(args, GenerateConfig)
+    if cfg.gist:
+        answers = run_gist_generate(cfg.model, cfg.adapter, cfg.gist, cfg.input, cfg.max_new_tokens, cfg.batch_size,
+                                    cfg.device)
+        for a in answers:
+            print(json.dumps(a, ensure_ascii=False) if cfg.jsonl else f"> {a['input']}\n{a['response']}\n")
+        return 0
     print_answers(run_generate(cfg), cfg.jsonl)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    cfg = _config(args, ServeConfig)
+    run_server(cfg)
+    return 0
+
+
+def cmd_gist_compress(args) -> int:
+    cfg = _config(args, GistCompressConfig)
+    cache = run_compress(cfg.model, cfg.adapter, cfg.instruction, cfg.out, cfg.device)
+    print(f"wrote {cfg.out}: {cache.instruction_tokens} instruction tokens in {cache.num} gist token(s), "
+          f"compression {cache.compression:.1f}x; cache {cache.nbytes:,} bytes, {cache.bytes_saved():,} bytes "
+          "fewer than the instruction's own")
     return 0
 
 
@@ -192,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
             "and write it as a standalone transformers directory (LoRA merged)", adapter=(PESCConfig,))
     command("check", CheckConfig, cmd_check, "load the default model and check every method on it end to end")
     command("demo-data", DemoDataConfig, cmd_demo_data, "write the built-in demo data as JSONL")
+    command("serve", ServeConfig, cmd_serve, "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+            "streaming) for the base model and any number of adapters, in one continuous batch")
+    gist = sub.add_parser("gist", help="gist caches: compress an instruction into its gist tokens' keys and values",
+                          description="gist caches: compress an instruction into its gist tokens' keys and values")
+    gist_sub = gist.add_subparsers(dest="gist_command", required=True)
+    compress = gist_sub.add_parser("compress", help=GistCompressConfig.__doc__, description=GistCompressConfig.__doc__)
+    add_config_flags(compress, (GistCompressConfig,), dest="cmd")
+    compress.set_defaults(fn=cmd_gist_compress, file_config=False)
     for name in ("params", "new"):
         for action in sub.choices[name]._actions:
             if action.dest == "cmd:method":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Problems
+from .gist import GistMask, gist_mask
 from .rows import IGNORE, Example
 from .templates import format_example
 
@@ -32,6 +33,7 @@ class Prepared:
     labels: list[list[int]]
     report: dict = field(default_factory=lambda: {"prompts_cut": 0, "responses_cut": 0, "examples": 0})
     segments: list[list[int]] | None = None  # packed rows: the example each token belongs to (0, 1, ...)
+    gist: GistMask | None = None  # rows with gist tokens: the mask they get (data/gist.py)
 
     def labelled(self) -> int:
         """Tokens that carry loss (each row's first label never does: nothing predicts it)."""
@@ -40,14 +42,18 @@ class Prepared:
     def rows(self, idx: list[int]) -> dict:
         """The rows `idx` as collate's arguments."""
         return {"rows_ids": [self.input_ids[i] for i in idx], "rows_labels": [self.labels[i] for i in idx],
-                "rows_segments": None if self.segments is None else [self.segments[i] for i in idx]}
+                "rows_segments": None if self.segments is None else [self.segments[i] for i in idx],
+                "gist": self.gist}
 
 
 def tokenize(examples: list[Example], tokenizer, template: str = "chat", max_len: int = 512,
-             truncation: str = "prompt", num_gist: int = 1) -> Prepared:
+             truncation: str = "prompt", gist=None) -> Prepared:
     """Token ids and labels (IGNORE on the prompt). truncation: 'prompt' (cut as the module
-    docstring says) or 'error' (a row that does not fit is an error)."""
-    out = Prepared([], [])
+    docstring says) or 'error' (a row that does not fit is an error). `gist`: the model's gist
+    tokens (models/gist.py: token_id, num, condition), for the gist template; the rows then
+    carry their gist mask."""
+    out = Prepared([], [], gist=None if gist is None else GistMask(gist.token_id, gist.condition))
+    num_gist = 1 if gist is None else gist.num
     problems = Problems("examples longer than max_len")
     for ex in examples:
         prompt, response = format_example(ex, template, tokenizer, num_gist)
@@ -85,7 +91,7 @@ def pack(prep: Prepared, max_len: int) -> Prepared:
     never straddles two rows). Each token keeps its example's index in `segments`, from which
     collate builds the mask that keeps the examples apart. An example's first label is
     IGNORE: alone, nothing would predict its first token either."""
-    out = Prepared([], [], dict(prep.report), segments=[])
+    out = Prepared([], [], dict(prep.report), segments=[], gist=prep.gist)
     ids, labels, seg = [], [], []
     for i, l in zip(prep.input_ids, prep.labels):
         if ids and len(ids) + len(i) > max_len:
@@ -124,9 +130,9 @@ def segment_positions(segments: torch.Tensor) -> torch.Tensor:
 
 
 def collate(rows_ids: list[list[int]], rows_labels: list[list[int]], pad_id: int, side: str = "right",
-            rows_segments: list[list[int]] | None = None) -> dict:
+            rows_segments: list[list[int]] | None = None, gist: GistMask | None = None) -> dict:
     """Pad to the longest row: input_ids, attention_mask, labels (IGNORE on padding); packed
-    rows (with segments) get a 4-D mask and position_ids."""
+    rows (with segments) and gist rows get a 4-D mask and position_ids."""
     T = max(len(r) for r in rows_ids)
     ids = torch.full((len(rows_ids), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows_ids), T), IGNORE, dtype=torch.long)
@@ -137,9 +143,11 @@ def collate(rows_ids: list[list[int]], rows_labels: list[list[int]], pad_id: int
         ids[k, s], labels[k, s], mask[k, s] = torch.tensor(i), torch.tensor(l), 1
         segments[k, s] = torch.tensor(rows_segments[k]) if rows_segments is not None else 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if rows_segments is not None:
+    if rows_segments is not None or gist is not None:
         batch["attention_mask"] = segment_mask(segments)
         batch["position_ids"] = segment_positions(segments)
+    if gist is not None:
+        batch["attention_mask"] = gist_mask(ids, batch["attention_mask"], segments, gist)
     return batch
 
 

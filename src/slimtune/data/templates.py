@@ -18,6 +18,12 @@ TEMPLATES = ("chat", "alpaca", "gist")
 GIST_TOKEN = "<GIST>"
 
 
+def gist_prompt(instruction: str, input: str, num_gist: int) -> tuple[str, str]:
+    """The gist template's prompt in two parts: the instruction ending with the k gists (what a
+    gist cache compresses), and the rest (the input, and `Output:`)."""
+    return f"Instruction: {instruction}\n{GIST_TOKEN * num_gist}", (f"\nInput: {input}" if input else "") + "\nOutput:"
+
+
 def format_example(ex: Example, template: str, tokenizer, num_gist: int = 1) -> tuple[str, str]:
     """(prompt text, response text) of one example."""
     eos = tokenizer.eos_token or ""
@@ -39,8 +45,8 @@ def format_example(ex: Example, template: str, tokenizer, num_gist: int = 1) -> 
         inp = f"### Input:\n{ex.input}\n\n" if ex.input else ""
         return ALPACA.format(ctx=ctx, instruction=instruction, input=inp), ex.response + eos
     if template == "gist":
-        inp = f"\nInput: {ex.input}" if ex.input else ""
-        return f"Instruction: {instruction}\n{GIST_TOKEN * num_gist}{inp}\nOutput:", " " + ex.response + eos
+        before, after = gist_prompt(instruction, ex.input, num_gist)
+        return before + after, " " + ex.response + eos
     p = Problems("unknown template")
     p.add(f"template={template!r}", "not a template slimtune knows", f"use one of {list(TEMPLATES)}")
     p.raise_if_any()

@@ -65,9 +65,19 @@ class GenerateConfig(Generating):
 
     prompt: list[str] = field([], "prompts, each answered on its own")
     file: str | None = field(None, "a text file with one prompt per line")
+    gist: str | None = field(None, "a gist cache (`slimtune gist compress`): answer each --input after it; needs "
+                             "the --adapter it was made with")
+    input: list[str] = field([], "with --gist: the inputs, answered in batches after the cached instruction")
     jsonl: bool = field(False, "print one JSON line per prompt")
 
     def problems(self, p: Problems) -> None:
         super().problems(p)
-        if not self.prompt and not self.file:
+        if self.gist:
+            if not self.input:
+                p.add(f"gist={self.gist!r} with no input", "nothing to answer after the cached instruction",
+                      "pass --input TEXT (repeatable)")
+        elif self.input:
+            p.add("--input without --gist", "inputs are answered after a gist cache",
+                  "pass --gist FILE, or give the whole prompt with --prompt")
+        elif not self.prompt and not self.file:
             p.add("no prompt", "nothing to generate from", "pass --prompt TEXT (repeatable) or --file FILE")

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..data.batches import collate, pad_id
+from ..data.gist import GistMask
 from ..data.rows import Example
 from ..data.templates import format_example
 from ..errors import Problems
@@ -42,9 +43,11 @@ def _cache_kw(model) -> str:
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
            max_new_tokens: int = 64, eos_token_id: int | None = None, pad_token_id: int = 0, do_sample: bool = False,
-           temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+           temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           cache=None) -> torch.Tensor:
     """(B, n) new tokens after a left-padded prompt batch (n <= max_new_tokens; finished rows
-    are padded with pad_token_id after their EOS)."""
+    are padded with pad_token_id after their EOS). `cache`: a transformers cache that already
+    holds the first tokens of input_ids (gist caches, eval/gist_cache.py); only the rest run."""
     if model.config.is_encoder_decoder:
         p = Problems("cannot decode")
         p.add(f"model {type(model).__name__}", "slimtune generates with decoder-only models", "use model.generate")
@@ -58,9 +61,11 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positio
     # what generated tokens see of the prompt: the last prompt token's row (B, 1, 1, T), or the real tokens
     seen = attention_mask[:, :, -1:, :].bool() if four_d else attention_mask.long()
     dtype = compute_dtype(model, device)
-    cache = {_cache_kw(model): DynamicCache(config=model.config)}
-    out = model(input_ids=input_ids, attention_mask=model_mask(attention_mask, model, dtype), position_ids=position_ids,
-                use_cache=True, **cache)
+    past = 0 if cache is None else cache.get_seq_length()
+    cache = {_cache_kw(model): DynamicCache(config=model.config) if cache is None else cache}
+    prompt_mask = attention_mask[:, :, past:] if four_d else attention_mask
+    out = model(input_ids=input_ids[:, past:], attention_mask=model_mask(prompt_mask, model, dtype),
+                position_ids=position_ids[:, past:], use_cache=True, **cache)
     logits, pos = out.logits[:, -1], position_ids[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     new = []
@@ -87,10 +92,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positio
 @torch.no_grad()
 def generate(model, tokenizer, examples: list[Example], template: str = "chat", max_new_tokens: int = 64,
              batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0) -> list[str]:
-    """Responses to the examples' prompts, batched with left padding; greedy unless do_sample."""
+             seed: int = 0, gist=None) -> list[str]:
+    """Responses to the examples' prompts, batched with left padding; greedy unless do_sample.
+    `gist`: the model's gist tokens (models/gist.py GistTokens) for the gist template: the
+    prompts then carry k gists and their mask."""
     device = next(model.parameters()).device
-    prompts = [format_example(e, template, tokenizer)[0] for e in examples]
+    prompts = [format_example(e, template, tokenizer, 1 if gist is None else gist.num)[0] for e in examples]
+    mask = None if gist is None else GistMask(gist.token_id, gist.condition)
     outs: list[str] = []
     pad = pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
@@ -98,7 +106,7 @@ def generate(model, tokenizer, examples: list[Example], template: str = "chat", 
     model.eval()
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts[i:i + batch_size]]
-        b = collate(ids, ids, pad, side="left")
+        b = collate(ids, ids, pad, side="left", gist=mask)
         new = decode(model, b["input_ids"].to(device), b["attention_mask"].to(device), None, max_new_tokens,
                      tokenizer.eos_token_id, pad, do_sample, temperature, top_p, gen)
         outs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

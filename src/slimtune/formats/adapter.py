@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters.gist import add_gist_tokens, gist_tokens
 from ..adapters.helpers import frozen_adapter_tensors, trainable_parameters
-from ..adapters.inject import DEFAULT_NAME, add_adapter, delete_adapter, get_config, sites
+from ..adapters.inject import (DEFAULT_NAME, adapter_set, add_adapter, delete_adapter, get_config,
+                               share_frozen, sites)
 from ..adapters.registry import AdapterConfig, config_from_dict
 from ..configs import to_dict
 from ..errors import Problems
+from ..models.gist import GistTokens, add_gist_token
 from ..models.layers import adaptable_layers, dims
 from ..version import __version__
 from . import peft as P
@@ -74,9 +77,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     refuse_non_finite(tensors, "saving the adapter")
     meta = {"format": FORMAT, "slimtune_version": __version__, "config": to_dict(cfg),
             "base_model": fingerprint(model, name)}
+    gist = gist_tokens(model, name)
+    if gist is not None:
+        meta["gist"] = gist.to_dict()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    peft = P.to_peft(model, cfg, tensors, name)
+    peft = None if gist is not None else P.to_peft(model, cfg, tensors, name)  # PEFT has no gist rows
     if peft is None:
         conf, weights = meta, tensors
     else:
@@ -181,16 +187,49 @@ def copy_into_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], where:
     with torch.no_grad():
         for k in sorted(set(tensors) & set(target)):  # sorted: under FSDP2 every rank scatters in the same order
             target[k].copy_(shard_like(tensors[k].to(target[k].dtype), target[k]))
+    aset = adapter_set(model)
+    if aset is not None:
+        aset.state.version += 1  # mixed batches restack the new values
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEFAULT_NAME) -> nn.Module:
+def saved_gist(directory: str | os.PathLike) -> GistTokens | None:
+    """The gist settings an adapter was saved with (adapters/gist.py), or None."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        return None
+    _, header = read_tensors(path, "the adapter's weights")
+    meta = _meta(header, Path(directory))
+    gist = None if meta is None else meta.get("gist")
+    return None if gist is None else GistTokens.from_dict(gist, str(path))
+
+
+def gist_for_tokenizer(spec: GistTokens, tokenizer, where: str) -> None:
+    """Add the gist token to the tokenizer; it must get the id the adapter was trained with."""
+    token_id = add_gist_token(tokenizer, spec.token)
+    if token_id != spec.token_id:
+        p = Problems(f"adapter {where!r} does not fit this tokenizer")
+        p.add(f"gist token {spec.token!r} (id {spec.token_id})", f"this tokenizer gives it id {token_id}",
+              "load the tokenizer of the base model the adapter was trained on")
+        p.raise_if_any()
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = DEFAULT_NAME,
+                 tokenizer=None) -> nn.Module:
     """Add the adapter saved in `directory` (slimtune's or PEFT's format) to `model` under
-    `name`, in place. All or nothing: on any error the model is left as it was."""
+    `name`, in place. All or nothing: on any error the model is left as it was. An adapter
+    trained with gist tokens brings its gist row; pass the `tokenizer` to have the gist token
+    added to it too."""
     cfg, tensors, _ = read_adapter(directory, model)
+    gist = saved_gist(directory)
+    if gist is not None and tokenizer is not None:
+        gist_for_tokenizer(gist, tokenizer, str(directory))
     trainable = {id(p): p.requires_grad for p in model.parameters()}  # add_adapter freezes the base
-    add_adapter(model, cfg, name)
+    add_adapter(model, cfg, name, share=False)  # shared only once its saved tensors are in
     try:
+        if gist is not None:
+            add_gist_tokens(model, gist, name)
         copy_into_adapter(model, tensors, str(directory), name)
+        share_frozen(model, name)
     except BaseException:
         delete_adapter(model, name)
         for p in model.parameters():

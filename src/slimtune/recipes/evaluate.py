@@ -18,6 +18,7 @@ from ..eval.generation import generate
 from ..eval.judge import Judge
 from ..eval.metrics import score
 from ..formats.adapter import load_adapter
+from .generate import gist_template
 from ..models.load import load_model, load_tokenizer, resolve_device
 from ..models.quantize import quantize_model
 from ..train.loss import CausalLMLoss, eval_loss
@@ -64,17 +65,18 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         tokenizer = load_tokenizer(cfg.model)
         quantize_model(model, cfg.quantize)
         if cfg.adapter:
-            load_adapter(model, cfg.adapter)
+            load_adapter(model, cfg.adapter, tokenizer=tokenizer)
     model.eval()
+    template, gist = gist_template(model, cfg.template)
     examples, ids = load_eval_rows(cfg)
     with_ref = [e for e in examples if e.response]
     summary: dict = {"model": cfg.model, "adapter": cfg.adapter, "rows": len(examples)}
     if with_ref:
-        summary.update(eval_loss(CausalLMLoss(model), tokenize(with_ref, tokenizer, cfg.template, cfg.max_len),
+        summary.update(eval_loss(CausalLMLoss(model), tokenize(with_ref, tokenizer, template, cfg.max_len, gist=gist),
                                  cfg.batch_size, pad_id(tokenizer), device))
     torch.manual_seed(cfg.seed)
-    preds = generate(model, tokenizer, examples, cfg.template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
-                     cfg.temperature, cfg.top_p, cfg.seed)
+    preds = generate(model, tokenizer, examples, template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
+                     cfg.temperature, cfg.top_p, cfg.seed, gist=gist)
     rows = [{"id": i, "prompt": e.messages[-1]["content"], "prediction": p, "reference": e.response}
             for i, e, p in zip(ids, examples, preds)]
     if with_ref:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..adapters.gist import gist_tokens
 from ..adapters.helpers import merge_and_unload
 from ..adapters.inject import get_config
 from ..errors import Problems
@@ -52,7 +53,16 @@ def run_export(model_name: str, adapter: str, out: str, fmt: str) -> Path:
     if fmt not in FORMATS:
         p.add(f"format={fmt!r}", "not an export format", f"use one of {list(FORMATS)}")
     p.raise_if_any()
-    model = load_adapter(load_model(model_name), adapter)  # always the full-precision base: merging needs it
+    try:
+        tokenizer = load_tokenizer(model_name)
+    except (OSError, ValueError):
+        tokenizer = None  # a model directory without a tokenizer
+    # always the full-precision base: merging needs it
+    model = load_adapter(load_model(model_name), adapter, tokenizer=tokenizer)
+    if gist_tokens(model) is not None and fmt != "merged":
+        p.add(f"format={fmt!r} for an adapter with gist tokens", "PEFT's formats have no trained embedding row",
+              "export --format merged (the gist row is written into the embedding; the tokenizer gets <GIST>)")
+        p.raise_if_any()
     if fmt == "peft-lora":
         return export_peft_lora(model, target)
     if fmt == "peft":
@@ -63,8 +73,6 @@ def run_export(model_name: str, adapter: str, out: str, fmt: str) -> Path:
             p.raise_if_any()
         return save_adapter(model, target)
     merge_and_unload(model).save_pretrained(target, safe_serialization=True)
-    try:
-        load_tokenizer(model_name).save_pretrained(target)
-    except (OSError, ValueError):
-        pass  # a model directory without a tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
     return target

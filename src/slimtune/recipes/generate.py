@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..adapters.gist import gist_tokens
 from ..data.rows import Example
 from ..errors import Problems
 from ..eval.config import GenerateConfig
@@ -27,18 +28,33 @@ def prompts_of(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
+def gist_template(model, template: str):
+    """(template, gist tokens): an adapter trained with gist tokens answers with the gist template
+    (the default `chat` switches to it); the gist template needs such an adapter."""
+    gist = gist_tokens(model)
+    if gist is not None and template == "chat":
+        template = "gist"
+    if template == "gist" and gist is None:
+        p = Problems("the gist template needs gist tokens")
+        p.add("template='gist'", "the model's adapter was not trained with gist tokens",
+              "load an adapter trained with `slimtune train --gist K`, or use another template")
+        p.raise_if_any()
+    return template, gist if template == "gist" else None
+
+
 def run_generate(cfg: GenerateConfig) -> list[dict]:
     """[{prompt, response}] for every prompt of cfg."""
     prompts = prompts_of(cfg)
     device = resolve_device(cfg.device)
     model = load_model(cfg.model).to(device)
     quantize_model(model, cfg.quantize)
-    if cfg.adapter:
-        load_adapter(model, cfg.adapter)
     tok = load_tokenizer(cfg.model)
-    examples = [Example([{"role": "user", "content": p}], "") for p in prompts]
-    outs = generate(model, tok, examples, cfg.template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
-                    cfg.temperature, cfg.top_p, cfg.seed)
+    if cfg.adapter:
+        load_adapter(model, cfg.adapter, tokenizer=tok)
+    template, gist = gist_template(model, cfg.template)
+    examples = [Example([{"role": "user", "content": p}], "", p) for p in prompts]
+    outs = generate(model, tok, examples, template, cfg.max_new_tokens, cfg.batch_size, cfg.do_sample,
+                    cfg.temperature, cfg.top_p, cfg.seed, gist=gist)
     return [{"prompt": p, "response": o} for p, o in zip(prompts, outs)]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..adapters.gist import gist_tokens
 from ..adapters.helpers import count_parameters, router_stats
 from ..adapters.inject import adapter_set
 from ..configs import to_dict
@@ -81,7 +82,8 @@ def evaluate_run(run: Run, n_generate: int) -> dict:
     if n_generate:
         examples = run.val_examples[:n_generate]
         with run.autocast():
-            preds = generate(run.model, run.tokenizer, examples, run.cfg.template, run.cfg.max_new_tokens, 32)
+            preds = generate(run.model, run.tokenizer, examples, run.cfg.template, run.cfg.max_new_tokens, 32,
+                             gist=gist_tokens(run.model))
         s = score(preds, [e.response for e in examples])
         out.update(exact_match=s["exact_match"], rouge_l=s["rouge_l"], n_generated=s["n"])
     return out

@@ -10,6 +10,7 @@ from typing import Any
 from ..adapters.registry import AdapterConfig, is_method, preset, preset_config, unknown_method
 from ..configs import at_least, choice, field, from_dict
 from ..data.templates import TEMPLATES
+from ..models.gist import check_gist
 from ..errors import Problems, SlimtuneError
 
 # What may change when a run resumes: how it reports and how long it runs, not what it computes.
@@ -31,7 +32,11 @@ class TrainConfig:
     val_data: list[str] = field([], "held-out files; empty = hold out val_fraction of the training rows")
     val_fraction: float = field(0.05, "share of the training rows held out when val_data is empty")
     demo_rows: int = field(1200, "rows of built-in demo data to generate for training (150 steps of 8 by default)")
-    template: str = field("chat", "chat (the tokenizer's template) | alpaca | gist")
+    template: str = field("chat", "chat (the tokenizer's template) | alpaca | gist (the default with --gist)")
+    gist: int = field(0, "k gist tokens between instruction and input (Mu et al. 2023), trained with the adapter; "
+                      "0 = no gisting")
+    gist_condition: str = field("gist", "gist (the gist mask) | pos_control (plain causal) | neg_control (nothing "
+                                "up to the last gist visible after it)")
     max_len: int = field(256, "longest example in tokens (prompt cut from the left first)")
     truncation: str = field("prompt", "prompt (cut the prompt, then the response, counting cuts) | error")
     packing: bool = field(False, "concatenate examples into rows of max_len tokens, masked apart")
@@ -74,6 +79,8 @@ class TrainConfig:
     progress: bool = field(True, "show a progress bar")
 
     def __post_init__(self):
+        if self.gist and self.template == "chat":  # the gist template is the one that places the gists
+            self.template = "gist"
         if self.adapter is None:  # the preset, as named
             self.adapter = preset(self.method)
         elif isinstance(self.adapter, dict):  # overrides of the preset, as plain data (Python callers)
@@ -99,6 +106,14 @@ class TrainConfig:
         for name in ("weight_decay", "weight_decay_vectors", "weight_decay_router", "weight_decay_embedding",
                      "max_grad_norm"):
             at_least(p, name, getattr(self, name), 0)
+        if self.gist:
+            check_gist(self.gist, self.gist_condition, p)
+            if self.template != "gist":
+                p.add(f"template={self.template!r} with gist={self.gist}", "only the gist template places gist "
+                      "tokens", "use --template gist (the default with --gist)")
+        elif self.template == "gist" and not (self.init_adapter):
+            p.add("template='gist' with gist=0", "the gist template places gist tokens, and none are added",
+                  "pass --gist 1 (k gist tokens), or use another template")
         if not 0 <= self.val_fraction < 1:
             p.add(f"val_fraction={self.val_fraction}", "a share of the rows in [0, 1)", "give e.g. 0.05")
 

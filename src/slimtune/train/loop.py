@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters.gist import add_gist_tokens, gist_tokens
 from ..adapters.helpers import collect_aux_losses, param_groups, set_trainable
 from ..adapters.inject import add_adapter
 from ..data import batches as Bt
@@ -30,6 +31,7 @@ from ..data.rows import IGNORE, load_rows, to_example
 from ..errors import Problem, Problems, SlimtuneError
 from ..formats.adapter import load_adapter
 from ..models.attention import check_4d_support, real_tokens
+from ..models.gist import GistTokens, add_gist_token, give_gist_rows
 from ..models.load import load_model, load_tokenizer
 from ..models.quantize import quantize_model
 from .config import TrainConfig
@@ -102,8 +104,8 @@ def load_examples(cfg: TrainConfig) -> tuple[list, list, list]:
     return train, val, skipped
 
 
-def _prepare(examples, tokenizer, cfg: TrainConfig) -> Bt.Prepared:
-    prep = Bt.tokenize(examples, tokenizer, cfg.template, cfg.max_len, cfg.truncation)
+def _prepare(examples, tokenizer, cfg: TrainConfig, gist: GistTokens | None = None) -> Bt.Prepared:
+    prep = Bt.tokenize(examples, tokenizer, cfg.template, cfg.max_len, cfg.truncation, gist)
     return Bt.pack(prep, cfg.max_len) if cfg.packing else prep
 
 
@@ -157,14 +159,26 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     if model is None:
         model = load_model(cfg.model, dtype=torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32)
         tokenizer = tokenizer or load_tokenizer(cfg.model)
-    if cfg.packing:
+    if cfg.packing or cfg.gist:
         check_4d_support(model)
     model.to(device)
+    gist = GistTokens(add_gist_token(tokenizer), cfg.gist, cfg.gist_condition) if cfg.gist else None
+    if gist is not None:
+        give_gist_rows(model, gist.token_id)  # the base's frozen row, before quantising
     quantize_model(model, cfg.quantize)
     if cfg.init_adapter:
-        load_adapter(model, cfg.init_adapter)
+        load_adapter(model, cfg.init_adapter, tokenizer=tokenizer)
     else:
         add_adapter(model, cfg.adapter)
+    if gist is not None:
+        if gist_tokens(model) is not None and gist_tokens(model) != gist:
+            p = Problems("cannot continue from init_adapter")
+            p.add(f"init_adapter={cfg.init_adapter!r}", f"its gist settings {gist_tokens(model)} differ from "
+                  f"gist={cfg.gist}, gist_condition={cfg.gist_condition!r}", "train with the adapter's settings")
+            p.raise_if_any()
+        if gist_tokens(model) is None:
+            add_gist_tokens(model, gist)
+    gist = gist_tokens(model)
     for p in set_trainable(model):  # adapters train in fp32 whatever the base dtype
         p.data = p.data.float()
     if cfg.grad_checkpointing:
@@ -177,8 +191,8 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     if world > 1:
         loss_model = wrap(loss_model, model, cfg.parallel, device)
     opt, params = build_optimizer(model, cfg)  # after sharding: FSDP2 replaces the parameters
-    run = Run(cfg, model, tokenizer, loss_model, opt, _prepare(train_ex, tokenizer, cfg),
-              _prepare(val_ex, tokenizer, cfg), val_ex, device, rank, world, bf16, params,
+    run = Run(cfg, model, tokenizer, loss_model, opt, _prepare(train_ex, tokenizer, cfg, gist),
+              _prepare(val_ex, tokenizer, cfg, gist), val_ex, device, rank, world, bf16, params,
               fsdp=world > 1 and cfg.parallel == "fsdp", skipped=skipped)
     p = Problems("nothing to train on")
     if run.steps_per_epoch == 0:
