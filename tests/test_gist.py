@@ -4,6 +4,8 @@ save -> load of gist adapters and caches."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import LLAMA_LIKE, make_model_dir
@@ -323,3 +325,32 @@ def test_gpt2_gist_caches_are_refused(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64))
     with pytest.raises(SlimtuneError, match="rotary"):
         compress(model, None, slimtune.GistTokens(63), "x", {})
+
+
+def test_the_gist_commands_end_to_end(tiny_dir, tmp_path, capsys):
+    """train --gist, gist compress (factor and bytes printed), generate --gist in a batch, and a
+    cache refused by another adapter, all through the command line."""
+    from slimtune.cli.main import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", tiny_dir, "--gist", "2", "--steps", "2", "--demo_rows", "24", "--batch_size", "4",
+                 "--eval_generate", "0", "--progress", "false", "--out", str(run)]) == 0
+    cache = tmp_path / "c.safetensors"
+    assert main(["gist", "compress", "--model", tiny_dir, "--adapter", str(run / "adapter"), "--instruction",
+                 "Sort the numbers in ascending order.", "--out", str(cache), "--device", "cpu"]) == 0
+    said = capsys.readouterr().out
+    assert "2 gist token(s), compression" in said and "bytes fewer" in said
+    assert main(["generate", "--model", tiny_dir, "--adapter", str(run / "adapter"), "--gist", str(cache),
+                 "--input", "3, 1, 2", "--input", "9, 7", "--max_new_tokens", "4", "--jsonl", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["input"] for x in lines] == ["3, 1, 2", "9, 7"]
+    other = tmp_path / "other"
+    model = slimtune.load_model(tiny_dir)
+    tok = slimtune.load_tokenizer(tiny_dir)
+    slimtune.add_adapter(model, slimtune.preset("lora"))
+    slimtune.add_gist_tokens(model, slimtune.GistTokens(slimtune.add_gist_token(tok), 2))
+    slimtune.save_adapter(model, other)
+    assert main(["generate", "--model", tiny_dir, "--adapter", str(other), "--gist", str(cache), "--input", "x",
+                 "--device", "cpu"]) == 2
+    assert "made with another adapter" in capsys.readouterr().err
+    assert main(["generate", "--model", tiny_dir, "--input", "x"]) == 2  # --input without --gist

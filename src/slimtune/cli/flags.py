@@ -1,6 +1,7 @@
 """Command-line flags generated from typed configs, and config files read into plain data.
 
-One flag per config field (`--lr`, nested parts as `--adapter.A.mode`); a flag left out keeps
+One flag per config field (`--lr`, nested parts as `--adapter.A.mode`; a list field takes
+several values and may be repeated: `--input a b` = `--input a --input b`); a flag left out keeps
 the config's value, so a YAML or JSON file (`--config`) and the flags fill the same object
 (configs.from_dict checks it). A value that does not parse as the field's type is an argparse
 error (exit code 2, the flag named); everything else is checked by the config.
@@ -69,7 +70,7 @@ def add_config_flags(parser: argparse.ArgumentParser, classes, prefix: str = "",
                 add_config_flags(parser, (tp,), f"{name}.", dest, skip, aliases, flag_prefix)
                 continue
             conv, nargs = _flag_type(tp)
-            extra = {"const": True} if nargs == "?" else {}
+            extra = {"const": True} if nargs == "?" else {"action": "extend"} if nargs == "+" else {}
             parser.add_argument(f"--{flag_prefix}{name}", *aliases.get(name, []), dest=f"{dest}:{name}", type=conv,
                                 nargs=nargs,
                                 default=argparse.SUPPRESS, metavar=f.name.upper(), **extra,
