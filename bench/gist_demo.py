@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--method", default="lora")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--rows", type=int, default=2400)
-    ap.add_argument("--per-split", type=int, default=100, help="examples scored per split (human: all 252 if 0)")
+    ap.add_argument("--per-split", type=int, default=100, help="examples scored on the seen and unseen splits")
+    ap.add_argument("--human", type=int, default=0, help="examples scored on the human split (0: all 252)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--conditions", nargs="+", default=["gist", "pos_control", "neg_control"])
@@ -83,7 +84,7 @@ def main() -> None:
         results["seconds"][f"train_{condition}"] = time.perf_counter() - t0
         scores = {}
         for split in SPLITS:
-            n = args.per_split if split != "human" else 0
+            n = args.per_split if split != "human" else args.human
             s = slimtune.run_eval(slimtune.EvalConfig(
                 model=args.model, adapter=str(run / "adapter"), data=[str(SHARED / "alpaca_plus" /
                                                                          f"validation_{split}.json")],

@@ -354,3 +354,28 @@ def test_the_gist_commands_end_to_end(tiny_dir, tmp_path, capsys):
                  "--device", "cpu"]) == 2
     assert "made with another adapter" in capsys.readouterr().err
     assert main(["generate", "--model", tiny_dir, "--input", "x"]) == 2  # --input without --gist
+
+
+@torch.no_grad()
+def test_a_gist_adapter_merges_into_a_plain_transformers_model(tiny_dir, tmp_path):
+    """export --format merged: the gist row goes into the embedding, the tokenizer gets <GIST>,
+    and plain transformers computes what the adapter does (under the same gist mask)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slimtune.recipes.export import run_export
+
+    model, tok = gist_model(tiny_dir, k=1)
+    slimtune.save_adapter(model, tmp_path / "a")
+    with pytest.raises(SlimtuneError, match="gist"):
+        run_export(tiny_dir, str(tmp_path / "a"), str(tmp_path / "p"), "peft-lora")
+    run_export(tiny_dir, str(tmp_path / "a"), str(tmp_path / "m"), "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    plain_tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    gid = plain_tok.convert_tokens_to_ids("<GIST>")
+    assert gid == slimtune.gist_tokens(model).token_id
+    ids = plain_tok("Instruction: sort\n<GIST>\nInput: 3 1\nOutput:")["input_ids"]
+    b = collate([ids], [ids], 0, gist=GistMask(gid, "gist"))
+    kw = dict(input_ids=b["input_ids"], position_ids=b["position_ids"])
+    ours = model(attention_mask=model_mask(b["attention_mask"], model, torch.float32), **kw).logits
+    theirs = plain(attention_mask=model_mask(b["attention_mask"], plain, torch.float32), **kw).logits
+    torch.testing.assert_close(theirs[..., :gid], ours[..., :gid], atol=1e-5, rtol=0)

@@ -141,7 +141,7 @@ def _folded(model: nn.Module, module_name: str, host, site, p: Problems, merge: 
               "merge into the full-precision base: `slimtune export --format merged --model BASE --adapter DIR` "
               "loads the base unquantised")
         return None
-    bias = None if base.bias is None else base.bias.float()
+    bias = None if getattr(base, "bias", None) is None else base.bias.float()
     w, b = (site.merge_into if merge else site.unmerge_from)(weight_oi(base).float(), bias)
     if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
         p.add(f"layer {module_name}", "the merged weight would contain inf or NaN (a diverged adapter?)",
