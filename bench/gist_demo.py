@@ -34,8 +34,9 @@ def eval_rows(split: str) -> list[dict]:
     return json.loads((SHARED / "alpaca_plus" / f"validation_{split}.json").read_text())
 
 
-def training_mix(n: int, seed: int) -> list[dict]:
-    """Alpaca rows from the shared sets and the demo data, none with an evaluation instruction."""
+def training_mix(n: int, seed: int, max_chars: int = 600) -> list[dict]:
+    """Alpaca rows from the shared sets and the demo data, none with an evaluation instruction,
+    none longer than max_chars (so that a CPU run takes minutes)."""
     held_out = {r["instruction"].strip() for s in SPLITS for r in eval_rows(s)}
     rows = []
     for line in (SHARED / "self_instruct" / "seed_tasks.jsonl").read_text().splitlines():
@@ -49,7 +50,8 @@ def training_mix(n: int, seed: int) -> list[dict]:
         rows += rng.sample(pool, min(take, len(pool)))
     rows += [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
              for r in demo_rows(n // 4) if "instruction" in r]
-    rows = [r for r in rows if r["instruction"].strip() not in held_out and r["output"].strip()]
+    rows = [r for r in rows if r["instruction"].strip() not in held_out and r["output"].strip()
+            and len(r["instruction"]) + len(r.get("input", "")) + len(r["output"]) <= max_chars]
     rng.shuffle(rows)
     return rows[:n]
 
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--per-split", type=int, default=100, help="examples scored on the seen and unseen splits")
     ap.add_argument("--human", type=int, default=0, help="examples scored on the human split (0: all 252)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--conditions", nargs="+", default=["gist", "pos_control", "neg_control"])
     args = ap.parse_args()
@@ -79,7 +82,7 @@ def main() -> None:
         if not (run / "adapter").is_dir():
             slimtune.run_training(slimtune.TrainConfig(
                 model=args.model, method=args.method, data=[str(data)], gist=1, gist_condition=condition,
-                steps=args.steps, batch_size=8, max_len=256, eval_generate=0, eval_every=0, save_every=0,
+                steps=args.steps, batch_size=8, max_len=args.max_len, eval_generate=0, eval_every=0, save_every=0,
                 progress=False, out=str(run), device=args.device))
         results["seconds"][f"train_{condition}"] = time.perf_counter() - t0
         scores = {}

@@ -128,11 +128,14 @@ def part_peft(base, tok, args) -> dict:
     return out
 
 
-def load(url: str, models: list[str], clients: int, requests: int, max_tokens: int) -> dict:
-    """The load generator (run in a process of its own): `clients` threads, completions."""
+def load(url: str, models: list[str], clients: int, requests: int, max_tokens: int, ignore_eos: bool) -> dict:
+    """The load generator (run in a process of its own): `clients` threads, completions.
+    `ignore_eos` (vLLM's extension; transformers serve refuses unknown fields) makes every
+    answer max_tokens long; tokens/s counts the tokens each server says it generated."""
     def one(i: int):
         body = json.dumps({"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)],
-                           "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+                           "max_tokens": max_tokens, "temperature": 0,
+                           **({"ignore_eos": True} if ignore_eos else {})}).encode()
         t0 = time.perf_counter()
         req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -144,7 +147,8 @@ def load(url: str, models: list[str], clients: int, requests: int, max_tokens: i
         results = list(ex.map(one, range(requests)))
     wall = time.perf_counter() - t0
     lat = sorted(r[0] for r in results)
-    return {"clients": clients, "requests": requests, "tokens_per_s": sum(r[1] for r in results) / wall,
+    return {"clients": clients, "requests": requests, "tokens": sum(r[1] for r in results),
+            "tokens_per_s": sum(r[1] for r in results) / wall,
             "p50_s": lat[len(lat) // 2], "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
@@ -182,7 +186,7 @@ def part_server(base, tok, args, model_dir: str) -> dict:
                 for clients in (1, 8, 32):
                     code = (f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve; "
                             f"print(json.dumps(serve.load({url!r}, {models!r}, {clients}, {max(clients * 2, 8)}, "
-                            f"{args.new_tokens})))")
+                            f"{args.new_tokens}, {name == 'slimtune'})))")
                     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
                     rows.append(json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0
                                 else {"clients": clients, "error": res.stderr[-400:]})
