@@ -114,8 +114,9 @@ class SiteAdapter(Declares):
     mergeable ones `merge_into` and `unmerge_from` on the base's (out, in) weight."""
 
     mergeable: ClassVar[bool] = True
-    # Mixed batches: `rows(base, sites, x)` computes every row with its own site (None: the base)
-    # in one batched computation, or returns None; the host then runs each adapter's rows apart.
+    # Mixed batches: `rows(base, sites, x, every)` computes every row with its own site (None: the
+    # base) in one batched computation, or returns None; the host then runs each adapter's rows
+    # apart. `every`: all the module's sites of that kind (the order of stacked tensors).
     rows: ClassVar = None
 
     def __init__(self, root: "AdapterRoot"):
@@ -190,10 +191,18 @@ class AdapterHost(nn.Module):
         if len(kinds) == 1 and not args and not kwargs:
             kind = next(iter(kinds))
             if kind.rows is not None:
-                y = kind.rows(self.base, sites, x)
+                y = kind.rows(self.base, sites, x, self.every(kind))
                 if y is not None:
                     return y
         return self.grouped_rows(rows, x, *args, **kwargs)
+
+    def every(self, kind: type) -> list:
+        """The site adapters of one kind at this module, in order (kept until adapters change)."""
+        version = self._state[0].version
+        cached = self.__dict__.get("_every")
+        if cached is None or cached[0] != version or cached[1] is not kind:
+            cached = self.__dict__["_every"] = (version, kind, [s for s in self.adapters.values() if type(s) is kind])
+        return cached[2]
 
     def grouped_rows(self, rows: tuple[str | None, ...], x: torch.Tensor, *args, **kwargs):
         """The reference for mixed batches: each adapter's rows as a sub-batch of their own, run

@@ -26,14 +26,12 @@ import torch.nn.functional as F
 
 from . import using_reference
 
-_CACHE: OrderedDict = OrderedDict()  # (state id, version, site ids, what) -> stacked tensors
+_CACHE: OrderedDict = OrderedDict()  # keys below -> stacked tensors, or a batch's slots
 _CACHE_SIZE = 4096
 GATHER_MATRICES = True  # per-adapter A, B: gather (True) or leave the rows to the host's grouping (False)
 
 
-def _cached(sites: list, what: str, build):
-    state = sites[0].root.state
-    key = (id(state), state.version, tuple(id(s) for s in sites), what)
+def _cached(key, build):
     hit = _CACHE.get(key)
     if hit is None:
         hit = _CACHE[key] = build()
@@ -44,12 +42,19 @@ def _cached(sites: list, what: str, build):
     return hit
 
 
-def slots(sites: list, device) -> tuple[list, torch.Tensor]:
-    """(the distinct sites, in order; each row's slot among them, the base rows' slot = S)."""
-    uniq = list(dict.fromkeys(s for s in sites if s is not None))
-    where = {id(s): i for i, s in enumerate(uniq)}
-    slot = torch.tensor([where[id(s)] if s is not None else len(uniq) for s in sites], device=device)
-    return uniq, slot
+def plan(what: str, sites: list, every: list, device, build):
+    """(stacks over every adapter of this kind at the module, each row's slot among them; base
+    rows get the extra slot S). Both are cached: the stacks per set of adapters and version,
+    the slots per arrangement of rows, so a decoding step does no per-adapter work."""
+    state = every[0].root.state
+    key = (id(state), state.version, what, tuple(map(id, every)))
+    stacks = _cached(key, lambda: build(every))
+    rows = tuple(0 if s is None else id(s) for s in sites)
+
+    def slots():
+        where = {id(s): i for i, s in enumerate(every)}
+        return torch.tensor([where[r] if r else len(every) for r in rows], device=device)
+    return stacks, _cached((key, rows), slots)
 
 
 def _same(tensors: list[torch.Tensor]) -> bool:
@@ -58,53 +63,62 @@ def _same(tensors: list[torch.Tensor]) -> bool:
     return all(t.data_ptr() == t0.data_ptr() and t.shape == t0.shape and t.stride() == t0.stride() for t in tensors)
 
 
-def lowrank_rows(base, sites: list, x: torch.Tensor) -> torch.Tensor | None:
-    """Every row of x (N, T, in) through its own low-rank site (None: the base)."""
+def _lowrank_stacks(every: list) -> dict:
+    parts = [s.parts() for s in every]  # (A, B, d, b) each
+    A0, B0 = parts[0][0], parts[0][1]
+    r, dtype, device = max(s.r for s in every), A0.dtype, A0.device
+    shared_A, shared_B = _same([p[0] for p in parts]), _same([p[1] for p in parts])
+
+    def vec(i, n):  # vector i (d or b) padded to n, 1 where absent; the base rows' slot last
+        return torch.stack([torch.cat([p[i], p[i].new_ones(n - p[i].shape[0])]) if p[i] is not None
+                            else torch.ones(n, dtype=dtype, device=device) for p in parts]
+                           + [torch.ones(n, dtype=dtype, device=device)])
+    out_f = every[0].out_features
+    scale = torch.tensor([u.scale for u in every] + [0.0], dtype=dtype, device=device)  # base rows: 0
+    return {
+        "A0": A0 if shared_A else None, "B0": B0 if shared_B else None,
+        "A": None if shared_A else torch.stack([F.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in parts]
+                                               + [A0.new_zeros(r, A0.shape[1])]),  # (S+1, r, in)
+        "B": None if shared_B else torch.stack([F.pad(p[1], (0, r - p[1].shape[1])) for p in parts]
+                                               + [B0.new_zeros(B0.shape[0], r)]),  # (S+1, out, r)
+        "d": vec(2, r),  # (S+1, r)
+        "bs": vec(3, out_f) * scale[:, None],  # (S+1, out): b_i s_i
+        "dtype": dtype,
+    }
+
+
+def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tensor | None:
+    """Every row of x (N, T, in) through its own low-rank site (None: the base); `every`: all
+    the low-rank sites at this module, the stacks' order."""
     if using_reference():
         return None
-    uniq, slot = slots(sites, x.device)
-    parts = [s.parts() for s in uniq]  # (A, B, d, b) each
-    shared_A, shared_B = _same([p[0] for p in parts]), _same([p[1] for p in parts])
-    if not GATHER_MATRICES and not (shared_A and shared_B):
+    st, slot = plan("lowrank", sites, every, x.device, _lowrank_stacks)
+    if not GATHER_MATRICES and (st["A"] is not None or st["B"] is not None):
         return None
-    r = max(s.r for s in uniq)
-    dtype = parts[0][0].dtype
-
-    def stacks():
-        def vec(i, n, fill):  # vector i (d or b) padded to n, its identity where absent
-            return [torch.cat([p[i], p[i].new_full((n - p[i].shape[0],), fill)]) if p[i] is not None
-                    else torch.full((n,), fill, dtype=dtype, device=x.device) for p in parts]
-        out_f = uniq[0].out_features
-        d = torch.stack(vec(2, r, 1.0) + [torch.ones(r, dtype=dtype, device=x.device)])  # (S+1, r)
-        b = torch.stack(vec(3, out_f, 1.0) + [torch.ones(out_f, dtype=dtype, device=x.device)])  # (S+1, out)
-        s = torch.tensor([u.scale for u in uniq] + [0.0], dtype=dtype, device=x.device)  # (S+1,) base rows: 0
-        A = None if shared_A else torch.stack([F.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in parts]
-                                              + [parts[0][0].new_zeros(r, parts[0][0].shape[1])])  # (S+1, r, in)
-        B = None if shared_B else torch.stack([F.pad(p[1], (0, r - p[1].shape[1])) for p in parts]
-                                              + [parts[0][1].new_zeros(parts[0][1].shape[0], r)])  # (S+1, out, r)
-        return d, b * s[:, None], A, B
-
-    d, bs, A, B = _cached(uniq, "lowrank", stacks)
     y = base(x)  # W0 x (+ bias)                                              (N, T, out)
-    xa = x.to(dtype)
-    h = F.linear(xa, parts[0][0]) if A is None else torch.bmm(xa, A[slot].transpose(1, 2))  # A_i x      (N, T, r)
-    h = h * d[slot][:, None, :]  # d_i ⊙ A_i x
-    h = F.linear(h, parts[0][1]) if B is None else torch.bmm(h, B[slot].transpose(1, 2))  # B_i (.)     (N, T, out)
-    return y + (h * bs[slot][:, None, :]).to(y.dtype)  # + s_i b_i ⊙ (.)
+    xa = x.to(st["dtype"])
+    h = F.linear(xa, st["A0"]) if st["A"] is None else torch.bmm(xa, st["A"][slot].transpose(1, 2))  # A_i x  (N, T, r)
+    h = h * st["d"][slot][:, None, :]  # d_i ⊙ A_i x
+    h = F.linear(h, st["B0"]) if st["B"] is None else torch.bmm(h, st["B"][slot].transpose(1, 2))  # B_i (.)  (N, T, out)
+    return y + (h * st["bs"][slot][:, None, :]).to(y.dtype)  # + s_i b_i ⊙ (.)
 
 
-def ia3_rows(base, sites: list, x: torch.Tensor) -> torch.Tensor | None:
+def _ia3_stacks(every: list):
+    ref = every[0]
+    if any((u.where, u.start, u.stop) != (ref.where, ref.start, ref.stop) for u in every):
+        return None
+    return torch.stack([u.full_vector() for u in every] + [torch.ones_like(ref.full_vector())])  # (S+1, n)
+
+
+def ia3_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tensor | None:
     """Every row of x through its own (IA)³ site: l_i gathered."""
     if using_reference():
         return None
-    uniq, slot = slots(sites, x.device)
-    ref = uniq[0]
-    if any((u.where, u.start, u.stop) != (ref.where, ref.start, ref.stop) for u in uniq):
+    L, slot = plan("ia3", sites, every, x.device, _ia3_stacks)
+    if L is None:
         return None
-    L = _cached(uniq, "ia3", lambda: torch.stack([u.full_vector() for u in uniq]
-                                                 + [torch.ones_like(ref.full_vector())]))  # (S+1, n)
     l = L[slot][:, None, :]  # (N, 1, n)
-    if ref.where == "input":
+    if every[0].where == "input":
         return base(x * l.to(x.dtype))
     y = base(x)
     return y * l.to(y.dtype)
