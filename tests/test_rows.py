@@ -76,6 +76,19 @@ def test_vera_adapters_from_one_seed_share_their_pair_and_gather_only_vectors(mo
     assert not calls  # A x and B (.) once for the batch: no per-row matrices
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["lora", "tied-lora", "vera", "ia3"])
+def test_a_decoding_step_with_fewer_adapters_than_rows(method, path):
+    """One token per row, 8 rows over 3 adapters and the base: the every-adapter-at-once form."""
+    model = with_adapters(tiny("llama"), [method] * 3).eval()
+    names = ["a0", "a1", "a2", None, "a1", "a1", "a0", "a2"]
+    ids = torch.randint(0, 64, (8, 1), generator=torch.Generator().manual_seed(3))
+    with slimtune.adapter_rows(model, names):
+        mixed = model(input_ids=ids).logits
+    for i, n in enumerate(names):
+        torch.testing.assert_close(mixed[i:i + 1], alone(model, ids[i:i + 1], n), atol=1e-5, rtol=0)
+
+
 def test_rows_refuse_unknown_adapters():
     model = with_adapters(tiny("llama"), ["lora"])
     with pytest.raises(slimtune.SlimtuneError, match="no such adapter"):

@@ -81,6 +81,8 @@ def _lowrank_stacks(every: list) -> dict:
                                                + [A0.new_zeros(r, A0.shape[1])]),  # (S+1, r, in)
         "B": None if shared_B else torch.stack([F.pad(p[1], (0, r - p[1].shape[1])) for p in parts]
                                                + [B0.new_zeros(B0.shape[0], r)]),  # (S+1, out, r)
+        "Bflat": None if shared_B else torch.cat([F.pad(p[1], (0, r - p[1].shape[1])) for p in parts]
+                                                 + [B0.new_zeros(B0.shape[0], r)], 1),  # (out, (S+1) r)
         "d": vec(2, r),  # (S+1, r)
         "bs": vec(3, out_f) * scale[:, None],  # (S+1, out): b_i s_i
         "dtype": dtype,
@@ -97,9 +99,29 @@ def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tenso
         return None
     y = base(x)  # W0 x (+ bias)                                              (N, T, out)
     xa = x.to(st["dtype"])
-    h = F.linear(xa, st["A0"]) if st["A"] is None else torch.bmm(xa, st["A"][slot].transpose(1, 2))  # A_i x  (N, T, r)
+    N, T = x.shape[:2]
+    # Per-adapter matrices: gathered per row (N copies), or, decoding one token with fewer
+    # adapters than rows, applied for every adapter at once and the row's block kept (each
+    # adapter's matrices read once).
+    every_at_once = T == 1 and len(every) + 1 < N
+    rows = torch.arange(N, device=x.device)
+    if st["A"] is None:
+        h = F.linear(xa, st["A0"])  # A x, shared                               (N, T, r)
+    elif every_at_once:
+        S1, r = st["A"].shape[:2]
+        h = F.linear(xa, st["A"].reshape(S1 * r, -1)).view(N, T, S1, r)[rows, :, slot]  # A_i x   (N, T, r)
+    else:
+        h = torch.bmm(xa, st["A"][slot].transpose(1, 2))  # A_i x                (N, T, r)
     h = h * st["d"][slot][:, None, :]  # d_i ⊙ A_i x
-    h = F.linear(h, st["B0"]) if st["B"] is None else torch.bmm(h, st["B"][slot].transpose(1, 2))  # B_i (.)  (N, T, out)
+    if st["B"] is None:
+        h = F.linear(h, st["B0"])  # B (.), shared                                (N, T, out)
+    elif every_at_once:
+        S1, _, r = st["B"].shape
+        blocks = h.new_zeros(N, T, S1, r)
+        blocks[rows, :, slot] = h  # row i's h in adapter i's block                 (N, T, S+1, r)
+        h = F.linear(blocks.view(N, T, S1 * r), st["Bflat"])  # Σ_s B_s (block s)           (N, T, out)
+    else:
+        h = torch.bmm(h, st["B"][slot].transpose(1, 2))  # B_i (.)               (N, T, out)
     return y + (h * st["bs"][slot][:, None, :]).to(y.dtype)  # + s_i b_i ⊙ (.)
 
 
