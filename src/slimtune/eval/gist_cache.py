@@ -110,35 +110,48 @@ def compress(model, tokenizer, gist: GistTokens, instruction: str, identity: dic
     return GistCache(keys, values, identity, instruction, n - k)
 
 
+def batch_after_gists(model, caches: list["GistCache | None"], rows: list[list[int]], pad_id: int,
+                      gist_token_id: int | None = None) -> dict:
+    """Token rows, row i after caches[i] (None: no cache), as one batch: input_ids (B, P + T)
+    with P slots for the gists (each row's cache left-padded to the longest, P) then the rows
+    left-padded to T, their attention_mask, and a DynamicCache holding the rows' gist keys and
+    values (empty when no row has a cache), under the forward's name for it (`cache` in
+    transformers 5). Only input_ids[:, P:] is left to run; the gist slots hold gist_token_id."""
+    device = next(model.parameters()).device
+    P = max((c.num for c in caches if c is not None), default=0)
+    T = max(len(r) for r in rows)
+    B = len(rows)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + T), dtype=torch.long)
+    for i, (c, r) in enumerate(zip(caches, rows)):
+        if c is not None:
+            ids[i, P - c.num:P], mask[i, P - c.num:P] = pad_id if gist_token_id is None else gist_token_id, 1
+        ids[i, P + T - len(r):], mask[i, P + T - len(r):] = torch.tensor(r), 1
+    if not P:
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                _cache_kw(model): DynamicCache(config=model.config)}
+    some = next(c for c in caches if c is not None)
+    layers = []
+    for layer in range(len(some.keys)):
+        def stacked(kind: str) -> torch.Tensor:  # (B, kv_heads, P, head_dim), zeros where a row's cache is shorter
+            t0 = getattr(some, kind)[layer]
+            rows_kv = [getattr(c, kind)[layer] if c is not None else t0[..., :0, :] for c in caches]
+            return torch.stack([torch.nn.functional.pad(t, (0, 0, P - t.shape[-2], 0)) for t in rows_kv]).to(device)
+        layers.append((stacked("keys"), stacked("values")))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            _cache_kw(model): DynamicCache(ddp_cache_data=layers, config=model.config)}
+
+
 def cached_inputs(model, tokenizer, caches: list[GistCache], inputs: list[str], gist_token_id: int) -> dict:
     """What transformers' `generate` (or eval.generation.decode) takes to answer `inputs`,
-    row i after caches[i]: input_ids (B, P + T) with the gist ids in front (left-padded to the
-    longest cache, P), the inputs left-padded to T, their attention_mask, and a fresh
-    DynamicCache holding the rows' gist keys and values (under the forward's name for it,
-    `cache` in transformers 5)."""
+    row i after caches[i] (batch_after_gists over the inputs' tokens)."""
     if len(caches) != len(inputs):
         p = Problems("caches and inputs do not pair up")
         p.add(f"{len(caches)} caches, {len(inputs)} inputs", "one cache per input row", "give as many of each")
         p.raise_if_any()
-    device = next(model.parameters()).device
-    P = max(c.num for c in caches)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rest = [tokenizer(gist_prompt("", x, 1)[1], add_special_tokens=False)["input_ids"] for x in inputs]
-    T = max(len(r) for r in rest)
-    B = len(inputs)
-    ids = torch.full((B, P + T), pad, dtype=torch.long)
-    mask = torch.zeros((B, P + T), dtype=torch.long)
-    for i, (c, r) in enumerate(zip(caches, rest)):
-        ids[i, P - c.num:P], mask[i, P - c.num:P] = gist_token_id, 1
-        ids[i, P + T - len(r):], mask[i, P + T - len(r):] = torch.tensor(r), 1
-    layers = []
-    for layer in range(len(caches[0].keys)):
-        def stacked(kind: str) -> torch.Tensor:  # (B, kv_heads, P, head_dim), zeros where a row's cache is shorter
-            rows = [getattr(c, kind)[layer] for c in caches]
-            return torch.stack([torch.nn.functional.pad(t, (0, 0, P - t.shape[-2], 0)) for t in rows]).to(device)
-        layers.append((stacked("keys"), stacked("values")))
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            _cache_kw(model): DynamicCache(ddp_cache_data=layers, config=model.config)}
+    return batch_after_gists(model, caches, rest, pad, gist_token_id)
 
 
 def save_cache(cache: GistCache, path: str | Path) -> Path:

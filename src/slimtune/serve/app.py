@@ -100,10 +100,9 @@ class Service:
         if top_p == 0.0:
             raise ApiError(400, "'top_p' must be above 0", "top_p")
         seed = _field(body, "seed", int, None)
-        n = _field(body, "n", int, 1, 1, 1)
+        _field(body, "n", int, 1, 1, 1)  # one choice per request
         stream = _field(body, "stream", bool, False)
         ignore_eos = _field(body, "ignore_eos", bool, False)
-        del n
         for name in ("stop", "tools", "logprobs", "suffix", "echo"):
             if body.get(name):
                 raise ApiError(400, f"'{name}' is not supported by this server", name)

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from ..adapters.inject import adapter_rows
 from ..eval.generation import _cache_kw, _pick
-from ..eval.gist_cache import GistCache
+from ..eval.gist_cache import GistCache, batch_after_gists
 
 
 class QueueFull(Exception):
@@ -261,36 +261,15 @@ class Engine:
             self.waiting.put(r)
         if not new:
             return
-        plain = [r for r in new if r.gist is None]
-        gisted = [r for r in new if r.gist is not None]
-        for group in (plain, gisted):
-            if group:
-                self._merge(self._prefill(group))
+        self._merge(self._prefill(new))
 
     def _prefill(self, reqs: list[Request]) -> Rows:
-        """The new rows' prompts through the model, left-padded, each with its adapter."""
-        B = len(reqs)
-        P = max((r.gist.num for r in reqs if r.gist is not None), default=0)
-        T = max(len(r.prompt) for r in reqs)
-        ids = torch.full((B, P + T), self.pad, dtype=torch.long)
-        mask = torch.zeros((B, P + T), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            if r.gist is not None:
-                mask[i, P - r.gist.num:P] = 1
-            ids[i, P + T - len(r.prompt):] = torch.tensor(r.prompt)
-            mask[i, P + T - len(r.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        """The new rows' prompts through the model, left-padded, each with its adapter (rows
+        with a gist cache start from its keys and values)."""
+        kw = batch_after_gists(self.model, [r.gist for r in reqs], [r.prompt for r in reqs], self.pad)
+        ids, mask, cache = kw["input_ids"], kw["attention_mask"], kw[self.kw]
+        P = cache.get_seq_length()
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        if P:
-            layers = []
-            for layer in range(len(reqs[0].gist.keys)):
-                def stacked(kind: str):
-                    return torch.stack([_left_pad(getattr(r.gist, kind)[layer], P - r.gist.num, 1)
-                                        for r in reqs]).to(self.device)
-                layers.append((stacked("keys"), stacked("values")))
-            cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
-        else:
-            cache = DynamicCache(config=self.model.config)
         with adapter_rows(self.model, [r.adapter for r in reqs]):
             out = self.model(input_ids=ids[:, P:], attention_mask=mask, position_ids=pos[:, P:], use_cache=True,
                              **{self.kw: cache})
