@@ -102,3 +102,35 @@ def test_trainable_counts_match_peft(arch, method):
     if method == "ia3" and arch == "gpt2":  # PEFT's c_attn vector also spans the q third: hidden per layer
         trainable -= base.config.n_embd * base.config.n_layer
     assert slimtune.count_parameters(ours).trainable == trainable
+
+
+@torch.no_grad()
+def test_gpt2_ia3_against_gpt2_rewritten_by_hand():
+    """A second check of GPT-2's (IA)³, independent of PEFT and of slimtune's merge: the paper's
+    l_k ⊙ k, l_v ⊙ v and W_down (l_ff ⊙ h) written into a copy of GPT-2's own weights. c_attn is
+    a Conv1D, y = x W + b with W (in, 3d) split into q | k | v columns (GPT2Attention splits its
+    output so); only the k and v columns may change. mlp.c_proj's rows take l_ff."""
+    import copy
+
+    from conftest import ARCHS
+
+    torch.manual_seed(0)
+    base = ARCHS["gpt2"]().eval()
+    model = slimtune.add_adapter(copy.deepcopy(base), slimtune.preset("ia3"))
+    g = torch.Generator().manual_seed(1)
+    for t in slimtune.trainable_parameters(model).values():
+        t.copy_(1 + 0.5 * torch.randn(t.shape, generator=g))
+    vectors = {n: t.detach() for n, t in slimtune.trainable_parameters(model).items()}
+    d = base.config.n_embd
+    by_hand = copy.deepcopy(base)
+    for i, block in enumerate(by_hand.transformer.h):
+        l_kv = vectors[f"transformer.h.{i}.attn.c_attn.l"]  # (2d,): l_k then l_v
+        l_ff = vectors[f"transformer.h.{i}.mlp.c_proj.l"]  # (4d,)
+        assert l_kv.shape == (2 * d,) and l_ff.shape == (4 * d,)
+        block.attn.c_attn.weight[:, d:] *= l_kv  # the k and v columns; q (the first d) untouched
+        block.attn.c_attn.bias[d:] *= l_kv
+        block.mlp.c_proj.weight *= l_ff[:, None]  # W_down (l_ff ⊙ h): the rows of (in, out)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=g)
+    want = by_hand(ids).logits
+    torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base(ids).logits, want, atol=1e-3)  # the vectors do change the output

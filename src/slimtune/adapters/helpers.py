@@ -151,7 +151,7 @@ def _folded(model: nn.Module, module_name: str, host, site, p: Problems, merge: 
 
 
 @torch.no_grad()
-def _fold(model: nn.Module, name: str | None, merge: bool) -> None:
+def _fold(model: nn.Module, name: str | None, merge: bool, reversible: bool = True) -> None:
     r = root(model, name)
     if r is None:
         return
@@ -161,6 +161,14 @@ def _fold(model: nn.Module, name: str | None, merge: bool) -> None:
         p.raise_if_any()
     todo = [(n, h, h.adapters[r.name]) for n, h in hosts(model)
             if r.name in h.adapters and (h.merged is None if merge else h.merged == r.name)]
+    if merge and reversible:  # an in-place merge promises that unmerge_adapters restores the base
+        for module_name, _, site in todo:
+            why = site.irreversible()
+            if why:
+                p.add(f"adapter {r.name!r} at {module_name}", f"{why}; unmerging could not restore the base",
+                      "use merge_and_unload (or `slimtune export --format merged`), which does not unmerge, or "
+                      "keep the adapter unmerged")
+        p.raise_if_any()
     new = {}
     for module_name, host, site in todo:
         folded = _folded(model, module_name, host, site, p, merge)
@@ -194,7 +202,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (PEFT's name). What is left is the plain base model with the merged weights, under the
     base's own parameter names: `save_pretrained` writes it as any transformers model, and
     `add_adapter` accepts it again. Refused, with nothing changed, where merging is."""
-    merge_adapters(model)
+    r = root(model)
+    if r is not None:
+        _fold(model, r.name, merge=True, reversible=False)  # never unmerged: the adapters go
     for _, host in hosts(model):
         host.merged = None  # the weights stay folded; the adapters go
     for n in adapter_names(model):

@@ -87,11 +87,17 @@ class IA3Linear(SiteAdapter):
             return weight * l[None, :], bias  # scale columns
         return weight * l[:, None], (None if bias is None else bias * l)  # scale rows and bias
 
+    def irreversible(self) -> str | None:
+        zeros = int((self.l == 0).sum())
+        return f"{zeros} entries of its vector l are 0, so the base weight they scale is lost" if zeros else None
+
     def unmerge_from(self, weight, bias):
         l = self.full_vector().float()
         if (l == 0).any():
-            raise ValueError("cannot unmerge (IA)3: a vector entry is 0, so the base weight was lost when merging; "
-                             "reload the base model and the adapter instead")
+            p = Problems("cannot unmerge (IA)3")
+            p.add("a vector entry of 0", "the base weight it scaled was lost when merging",
+                  "reload the base model and the adapter instead")
+            p.raise_if_any()
         if self.where == "input":
             return weight / l[None, :], bias
         return weight / l[:, None], (None if bias is None else bias / l)

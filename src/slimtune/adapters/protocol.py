@@ -138,6 +138,10 @@ class SiteAdapter(Declares):
         """The inverse of merge_into. Pure."""
         raise NotImplementedError
 
+    def irreversible(self) -> str | None:
+        """Why merge_into could not be undone by unmerge_from with these values, or None."""
+        return None
+
     def report(self, name: str, total: torch.Tensor, weight: float) -> None:
         """Report an auxiliary loss (see AuxLoss); dropped unless the loop is collecting."""
         state = self.root.state

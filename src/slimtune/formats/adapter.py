@@ -81,6 +81,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     if gist is not None:
         meta["gist"] = gist.to_dict()
     out = Path(directory)
+    if out.exists() and not out.is_dir():
+        p = Problems("cannot save the adapter")
+        p.add(f"directory={str(directory)!r}", "it is a file, and an adapter is a directory",
+              "give the path of a directory (it is created if missing)")
+        p.raise_if_any()
     out.mkdir(parents=True, exist_ok=True)
     peft = None if gist is not None else P.to_peft(model, cfg, tensors, name)  # PEFT has no gist rows
     if peft is None:

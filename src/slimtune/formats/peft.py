@@ -16,6 +16,7 @@ can express is decided here (`peft_type`); the others stay in slimtune's format.
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -144,13 +145,21 @@ def _matches(model: nn.Module, targets, what: str, p: Problems) -> list[str]:
 
 
 UNSUPPORTED = {  # PEFT options slimtune does not implement: (key, value that is fine)
-    "LORA": [("use_dora", False), ("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
+    "LORA": [("exclude_modules", None), ("use_dora", False), ("bias", "none"), ("lora_bias", False), ("modules_to_save", None),
              ("layers_to_transform", None), ("layer_replication", None), ("target_parameters", None),
              ("trainable_token_indices", None), ("rank_pattern", {}), ("alpha_pattern", {}), ("use_qalora", False),
              ("alora_invocation_tokens", None)],
-    "VERA": [("bias", "none"), ("modules_to_save", None), ("layers_to_transform", None)],
+    "VERA": [("exclude_modules", None), ("bias", "none"), ("modules_to_save", None), ("layers_to_transform", None)],
     "IA3": [("modules_to_save", None), ("exclude_modules", None)],
 }
+
+
+def _non_finite(data, where: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every NaN or infinity in a JSON document (json.loads accepts them)."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [(where, data)]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    return [hit for k, v in items for hit in _non_finite(v, f"{where}.{k}" if where else str(k))]
 
 
 def from_peft(model: nn.Module, conf: dict, tensors: dict[str, torch.Tensor], where: str):
@@ -161,6 +170,9 @@ def from_peft(model: nn.Module, conf: dict, tensors: dict[str, torch.Tensor], wh
         p.add(f"peft_type={kind!r}", f"slimtune reads PEFT's {list(SUPPORTED)} adapters",
               "load this adapter with peft.PeftModel.from_pretrained")
         p.raise_if_any()
+    for key, value in _non_finite(conf):
+        p.add(f"{key}={value!r} in {where}/adapter_config.json", "not a finite number",
+              "restore the file from whatever wrote it")
     for key in ("target_modules",) + (("r",) if kind != "IA3" else ()):
         if key not in conf:
             p.add(f"{where}/adapter_config.json", f"a PEFT {kind} config without {key!r}", "restore the file")
