@@ -367,6 +367,34 @@ def test_the_upcycled_export_loads_in_transformers_with_its_own_code(tiny_dir, t
         torch.testing.assert_close(fresh(ids).logits, slimtune.load_model(tiny_dir)(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_upcycled_export_is_refused_without_trust_remote_code(arch, tmp_path):
+    """The export has a model_type of its own: plain transformers refuses it (it once kept the
+    base's, and AutoModelForCausalLM built the dense base with the FFN weights left random), and
+    with trust_remote_code it is the model slimtune computes, LoRA merged."""
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slimtune.formats.upcycled import export_upcycled
+
+    model = slimtune.adapters.upcycle(tiny(arch), experts=4, lora_r=4)
+    perturb(model)
+    out = export_upcycled(model.eval(), tmp_path / "up")
+    for flag in [{}, {"trust_remote_code": False}]:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForCausalLM.from_pretrained(out, **flag)
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoConfig.from_pretrained(out, **flag)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "slimtune_pesc" and set(saved["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(theirs).__name__ == "PESCForCausalLM" and theirs.config.model_type == "slimtune_pesc"
+    x = batch(model)
+    torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-5, rtol=1e-5)
+    assert (logits(model, x) - logits(tiny(arch), x)).abs().max() > 1e-3  # not the dense model
+
+
 def test_pesc_trains_over_a_4bit_base(tiny_dir, tmp_path):
     """The QLoRA of the paper: a frozen NF4 base under PESC's LoRA, its adapters and routers in
     float32."""

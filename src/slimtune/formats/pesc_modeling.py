@@ -5,6 +5,10 @@ torch and transformers only. Load the directory with
 
     AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
 
+The directory's config.json has a model_type of its own, "slimtune_pesc" (PESCConfig below, the
+base's config class under that name), and an `auto_map` to this file: without the flag,
+transformers refuses the directory rather than build the dense base with its FFNs left random.
+
 Each FFN block E(x) of the base architecture becomes (Wu et al., EMNLP 2024):
 
     u = E(x);  w = top-k softmax of x W_rᵀ;  y = u + s · Σ_j w_j W_up,j GELU(W_down,j u)
@@ -64,7 +68,18 @@ def upcycle(model: nn.Module, pesc: dict) -> None:
                                             pesc["width"], pesc["scale"], pesc["hidden"]))
 
 
-class PESCForCausalLM(getattr(transformers, BASE_CLASS)):
+Base = getattr(transformers, BASE_CLASS)
+
+
+class PESCConfig(Base.config_class):
+    """The base architecture's config, plus `pesc` (this file's settings), under a model_type of its own."""
+
+    model_type = "slimtune_pesc"
+
+
+class PESCForCausalLM(Base):
+    config_class = PESCConfig
+
     def __init__(self, config):
         super().__init__(config)
         upcycle(self, config.pesc)

@@ -1,7 +1,8 @@
 """A PESC-upcycled model as a standalone transformers directory.
 
-    OUT/config.json                 the base config, plus `pesc` (the mixture's settings) and an
-                                    `auto_map` to the modelling code below
+    OUT/config.json                 the base config, plus `pesc` (the mixture's settings), under
+                                    a model_type of its own ("slimtune_pesc") with an `auto_map`
+                                    to the modelling code below
     OUT/model.safetensors           the base weights with the LoRA merged in, and each FFN
                                     block's router and adapters
     OUT/modeling_slimtune_pesc.py   the modelling code (formats/pesc_modeling.py, its base class
@@ -10,7 +11,9 @@
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)
 
 transformers runs the directory's own code only when asked to (`trust_remote_code=True`); the
-code is the small file above, which can be read before it is run.
+code is the small file above, which subclasses the base's transformers classes and can be read
+before it is run. Without the flag, the unknown model_type makes transformers refuse the
+directory (rather than load the dense base with its FFN weights left random).
 """
 
 from __future__ import annotations
@@ -49,16 +52,17 @@ def export_upcycled(model: nn.Module, directory, tokenizer=None) -> Path:
     name = adapter_set(work).state.active
     hidden = next(s for _, s in sites(work) if isinstance(s, PESCBlock)).W_r.shape[1]
     block = next(iter(ffn_blocks(work, cfg.block))).rsplit(".", 1)[-1]
-    config = copy.deepcopy(work.config)
     base_class = type(work).__name__
-    config.pesc = {"experts": cfg.experts, "top_k": cfg.top_k, "renormalize": cfg.renormalize, "width": cfg.width,
-                   "scale": cfg.scale, "hidden": hidden, "block": block, "base_architecture": base_class}
-    config.architectures = ["PESCForCausalLM"]
-    config.auto_map = {"AutoModelForCausalLM": f"{MODULE}.PESCForCausalLM"}
     (out / f"{MODULE}.py").write_text(_modeling_code(base_class))
     spec = importlib.util.spec_from_file_location(MODULE, out / f"{MODULE}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    settings = {k: v for k, v in work.config.to_dict().items() if k != "model_type"}
+    config = module.PESCConfig.from_dict(settings)  # the base's config, as model_type "slimtune_pesc"
+    config.pesc = {"experts": cfg.experts, "top_k": cfg.top_k, "renormalize": cfg.renormalize, "width": cfg.width,
+                   "scale": cfg.scale, "hidden": hidden, "block": block, "base_architecture": base_class}
+    config.architectures = ["PESCForCausalLM"]
+    config.auto_map = {"AutoConfig": f"{MODULE}.PESCConfig", "AutoModelForCausalLM": f"{MODULE}.PESCForCausalLM"}
     standalone = module.PESCForCausalLM(config)
     ours = {}
     for key, tensor in work.state_dict().items():  # host.base.* -> block.base.*, host.adapters.NAME.* -> block.*
