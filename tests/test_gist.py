@@ -379,3 +379,46 @@ def test_a_gist_adapter_merges_into_a_plain_transformers_model(tiny_dir, tmp_pat
     ours = model(attention_mask=model_mask(b["attention_mask"], model, torch.float32), **kw).logits
     theirs = plain(attention_mask=model_mask(b["attention_mask"], plain, torch.float32), **kw).logits
     torch.testing.assert_close(theirs[..., :gid], ours[..., :gid], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_caches_of_different_k_share_a_mixed_adapter_batch(gist_model_dir):
+    """docs/gisting.md: caches of different k go in one batch, each row after its own cache, when
+    the rows go through their own adapters (the server's batches: batch_after_gists under
+    adapter_rows). gist_inputs serves one adapter, whose caches all have its k, and refuses
+    another adapter's cache."""
+    from slimtune.eval.gist_cache import batch_after_gists
+
+    model = slimtune.load_model(gist_model_dir).eval()
+    tok = slimtune.load_tokenizer(gist_model_dir)
+    token = slimtune.add_gist_token(tok)
+    g = torch.Generator().manual_seed(5)
+    for name, k in (("one", 1), ("three", 3)):
+        slimtune.add_adapter(model, slimtune.preset("lora"), name=name)
+        slimtune.add_gist_tokens(model, slimtune.GistTokens(token, k), name=name)
+        for t in slimtune.trainable_parameters(model, name).values():
+            t.copy_(0.05 * torch.randn(t.shape, generator=g))
+    caches, fulls = {}, {}
+    jobs = [("one", "Say it in French.", "good morning"), ("three", "Count the letters.", "a longer input here")]
+    for name, instruction, x in jobs:
+        slimtune.set_active_adapter(model, name)
+        caches[name] = slimtune.compress_gist(model, tok, instruction)
+        fulls[name] = full_prompt_logits(model, tok, instruction, x)
+    assert caches["one"].num == 1 and caches["three"].num == 3
+    with pytest.raises(SlimtuneError, match="made with another"):
+        slimtune.gist_inputs(model, tok, [caches["one"], caches["three"]], ["a", "b"])
+    from slimtune.data.templates import gist_prompt
+
+    rows = [tok(gist_prompt("", x, 1)[1], add_special_tokens=False)["input_ids"] for _, _, x in jobs]
+    kw = batch_after_gists(model, [caches["one"], caches["three"]], rows, tok.pad_token_id)
+    mask = kw["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    P = kw["cache"].get_seq_length()
+    assert P == 3
+    with slimtune.adapter_rows(model, ["one", "three"]):
+        out = model(input_ids=kw["input_ids"][:, P:], attention_mask=mask, position_ids=pos[:, P:],
+                    cache=kw["cache"]).logits
+    for row, (name, _, _) in enumerate(jobs):
+        n = fulls[name].shape[0]
+        torch.testing.assert_close(out[row, -n:], fulls[name], atol=1e-5, rtol=0)
+    assert not torch.allclose(fulls["one"][-1], fulls["three"][-1], atol=1e-3)
