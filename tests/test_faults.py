@@ -240,3 +240,108 @@ def test_metrics_are_strict_json_and_written_once_after_a_resume(tiny_dir, tmp_p
     assert [r["step"] for r in records if r.get("final")] == [2]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 9]
     assert records[-1]["loss"] is None and records[-1]["aux"] == [None]
+
+
+# Faults found by a 185-case bad-input table ------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value,message", [("--lr", "-1e-3", "a learning rate must be positive"),
+                                                ("--lr_vectors", "-2E+1", "a learning rate must be positive"),
+                                                ("--max_grad_norm", "-1", "must be at least 0"),
+                                                ("--adapter.dropout", "-.5e0", "dropout")])
+def test_a_negative_number_after_a_space_gets_slimtunes_own_message(tiny_dir, tmp_path, capsys, flag, value, message):
+    assert train(tiny_dir, tmp_path, flag, value) == 2
+    err = error_of(capsys)
+    assert message in err and "expected one argument" not in err
+
+
+def test_a_non_finite_number_in_a_peft_config_is_refused(tmp_path):
+    import peft
+    from conftest import tiny
+
+    base = tiny("llama").requires_grad_(False)
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    conf["lora_alpha"] = float("nan")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(conf))  # Python writes NaN, and reads it back
+    with pytest.raises(slimtune.SlimtuneError, match=r"lora_alpha=nan .*not a finite number"):
+        slimtune.load_adapter(tiny("llama"), tmp_path)
+
+
+def test_a_peft_lora_with_exclude_modules_names_the_option(tmp_path):
+    import peft
+    from conftest import tiny
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"])
+    peft.get_peft_model(tiny("llama"), config).save_pretrained(tmp_path)
+    with pytest.raises(slimtune.SlimtuneError, match=r"exclude_modules=.*slimtune does not implement this LORA option"):
+        slimtune.load_adapter(tiny("llama"), tmp_path)
+
+
+@torch.no_grad()
+def test_an_ia3_vector_entry_of_0_refuses_an_in_place_merge_and_keeps_the_base(tmp_path):
+    from conftest import tiny
+
+    model = slimtune.add_adapter(tiny("llama"), slimtune.preset("ia3"))
+    vectors = slimtune.trainable_parameters(model)
+    next(iter(vectors.values()))[3] = 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(slimtune.SlimtuneError, match=r"entries of its vector l are 0.*merge_and_unload"):
+        slimtune.merge_adapters(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed
+    x = torch.randint(0, 64, (1, 5))
+    want = model(x).logits
+    torch.testing.assert_close(slimtune.merge_and_unload(model)(x).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unmerging_a_lost_weight_is_a_slimtune_error():
+    from slimtune.adapters.ia3 import IA3Linear
+    from slimtune.adapters.inject import hosts
+
+    model = slimtune.add_adapter(__import__("conftest").tiny("llama"), slimtune.preset("ia3"))
+    site = next(s for _, h in hosts(model) for s in h.adapters.values() if isinstance(s, IA3Linear))
+    with torch.no_grad():
+        site.l[0] = 0.0
+    with pytest.raises(slimtune.SlimtuneError, match="reload the base model"):
+        site.unmerge_from(torch.ones(site.out_features, site.in_features), None)
+
+
+@pytest.mark.parametrize("command", [["new"], ["demo-data"]])
+def test_out_that_is_a_file_gets_a_fix(tiny_dir, tmp_path, capsys, command):
+    file = tmp_path / "taken"
+    file.write_text("keep me")
+    extra = ["--model", tiny_dir] if command == ["new"] else []
+    assert main(command + extra + ["--out", str(file)]) == 2
+    err = error_of(capsys)
+    assert "it is a file" in err and "Fix:" in err and "Errno" not in err
+    assert file.read_text() == "keep me"
+
+
+def test_new_refuses_to_overwrite_an_adapter_unless_told(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["new", "--model", tiny_dir, "--out", str(out)]) == 0
+    trained = (out / "adapter_model.safetensors").read_bytes()
+    assert main(["new", "--model", tiny_dir, "--method", "vera", "--out", str(out)]) == 2
+    assert "already holds an adapter" in error_of(capsys) and "--overwrite" in capsys.readouterr().err + "--overwrite"
+    assert (out / "adapter_model.safetensors").read_bytes() == trained
+    assert main(["new", "--model", tiny_dir, "--method", "vera", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "VERA"
+
+
+def test_a_wrong_type_in_the_config_file_is_reported_even_when_a_flag_overrides_it(tiny_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: two\nbatch_size: 4\nadapter:\n  r: eight\n")
+    assert train(tiny_dir, tmp_path / "run", "--config", str(config), "--steps", "2", "--adapter.r", "4") == 2
+    err = error_of(capsys)
+    assert "steps='two' in the --config file" in err and "adapter.r='eight' in the --config file" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_flag_gets_a_did_you_mean(tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--rnak", "8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--rnak" in err and "did you mean '--rank'" in err
+    with pytest.raises(SystemExit):
+        main(["gist", "compress", "--instrution", "x"])
+    assert "did you mean '--instruction'" in capsys.readouterr().err

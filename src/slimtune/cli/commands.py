@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..configs import at_least, choice, field
 from ..errors import Problems
+from ..formats.adapter import CONFIG_NAME, WEIGHTS_NAME
 from ..recipes.export import FORMATS
+
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
+
+
+def out_directory(p: Problems, out: str) -> None:
+    """A problem if `out`, a directory to write into, is an existing file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        p.add(f"out={out!r}", "it is a file, and a directory is needed here", "give the path of a directory "
+              "(it is created if missing)")
 
 
 @dataclass
@@ -27,6 +38,14 @@ class NewConfig:
     method: str = field("lora", "adapter preset")
     config: str | None = field(None, "an adapter config file (YAML or JSON) instead of --method")
     out: str = field("adapter", "directory to write the adapter to")
+    overwrite: bool = field(False, "replace an adapter already in `out` (refused otherwise)")
+
+    def problems(self, p: Problems) -> None:
+        out_directory(p, self.out)
+        out = Path(self.out)
+        if not self.overwrite and out.is_dir() and any((out / n).exists() for n in ADAPTER_FILES):
+            p.add(f"out={self.out!r}", "it already holds an adapter, which this would overwrite",
+                  "give another directory, or pass --overwrite to replace it")
 
 
 @dataclass
@@ -73,6 +92,31 @@ class DemoDataConfig:
     def problems(self, p: Problems) -> None:
         at_least(p, "train", self.train, 1)
         at_least(p, "eval", self.eval, 1)
+        out_directory(p, self.out)
+
+
+GIST_TASK_FILES = ("train.jsonl", "seen.jsonl", "unseen.jsonl", "novel.jsonl")  # data.tasks.SPLITS
+
+
+@dataclass
+class GistTasksConfig:
+    """`slimtune gist-tasks`: the gist task family (data/tasks.py) as JSONL, one file per split."""
+
+    out: str = field("gist-tasks", "directory to write train.jsonl, seen.jsonl, unseen.jsonl and novel.jsonl into")
+    seed: int = field(0, "generation seed: the same seed writes the same rows")
+    train: int = field(4000, "training rows")
+    eval: int = field(200, "rows in each evaluation split (seen, unseen, novel)")
+    overwrite: bool = field(False, "replace split files already in `out` (refused otherwise)")
+
+    def problems(self, p: Problems) -> None:
+        at_least(p, "seed", self.seed, 0)
+        at_least(p, "train", self.train, 1)
+        at_least(p, "eval", self.eval, 1)
+        out_directory(p, self.out)
+        there = [n for n in GIST_TASK_FILES if (Path(self.out) / n).is_file()]
+        if there and not self.overwrite:
+            p.add(f"out={self.out!r}", f"it already holds {', '.join(there)}, which this would overwrite",
+                  "give another directory, or pass --overwrite to replace them")
 
 
 @dataclass

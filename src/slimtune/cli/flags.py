@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from ..adapters.registry import AdapterConfig
-from ..configs import is_config_class
-from ..errors import Problems
+from ..configs import check_type, is_config_class, type_name
+from ..errors import Problems, did_you_mean
 
 
 def _number_or_str(s: str) -> float | str:
@@ -128,3 +129,44 @@ def read_config_file(path: str) -> dict:
               "write `key: value` lines")
         p.raise_if_any()
     return data
+
+
+def masked_values(cls, file_data: dict, flags: dict, p: Problems, where: str = "") -> None:
+    """Problems for the config file's values of the wrong type that a flag overrides: the run
+    would not see them, but the file stays wrong and would fail the next run without the flag."""
+    hints = typing.get_type_hints(cls)
+    for key in file_data.keys() & flags.keys():
+        tp, value = hints.get(key), file_data[key]
+        if tp is None:
+            continue  # an unknown key: reported by the config itself
+        if is_config_class(tp) and isinstance(value, dict) and isinstance(flags[key], dict):
+            masked_values(tp, value, flags[key], p, f"{where}{key}.")
+        elif not check_type(value, tp):
+            p.add(f"{where}{key}={value!r} in the --config file", f"expected a value of type {type_name(tp)} (the "
+                  f"flag --{where}{key} overrides it for this run)", "fix the value in the file")
+
+
+NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?|-nan", re.I)
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse reads a value that starts with '-' as a flag unless
+    it looks like a plain negative number, so `-1e-3` would get "expected one argument" instead of
+    slimtune's own check of the value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and NUMBER.fullmatch(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def unknown_flags_message(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" with a did-you-mean for each unknown flag."""
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    parts = []
+    for arg in extras:
+        flag = arg.split("=", 1)[0]
+        parts.append(arg + (did_you_mean(flag, options) if flag.startswith("-") else ""))
+    return "unrecognized arguments: " + " ".join(parts)

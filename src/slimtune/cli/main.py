@@ -23,9 +23,10 @@ from pathlib import Path
 from ..adapters.helpers import count_parameters
 from ..adapters.inject import add_adapter
 from ..adapters.pesc import PESCConfig
-from ..adapters.registry import config_classes, config_from_dict, method_names, preset_config
+from ..adapters.registry import config_classes, config_from_dict, is_method, method_names, preset, preset_config
 from ..configs import from_dict, merge_overrides, to_dict
 from ..data.demo import demo_split
+from ..data.tasks import gist_task_splits
 from ..errors import Problems, SlimtuneError
 from ..eval.config import EvalConfig, GenerateConfig
 from ..formats.adapter import save_adapter
@@ -41,9 +42,10 @@ from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
 from ..train.loop import Interrupted
 from ..train.parallel import shutdown
-from .commands import (CheckConfig, DemoDataConfig, ExportConfig, GistCompressConfig, NewConfig, ParamsConfig,
-                       UpcycleConfig)
-from .flags import add_config_flags, flag_values, read_config_file
+from .commands import (CheckConfig, DemoDataConfig, ExportConfig, GistCompressConfig, GistTasksConfig, NewConfig,
+                       ParamsConfig, UpcycleConfig)
+from .flags import (add_config_flags, flag_values, join_negative_numbers, masked_values, read_config_file,
+                    unknown_flags_message)
 
 ADAPTER_ALIASES = {"r": ["--rank"]}
 
@@ -51,7 +53,12 @@ ADAPTER_ALIASES = {"r": ["--rank"]}
 def _config(args, cls, dest: str = "cmd"):
     """A command's config: its --config file (where the command takes one), then its flags."""
     data = read_config_file(args.config) if getattr(args, "file_config", False) and args.config else {}
-    return from_dict(cls, merge_overrides(data, flag_values(args, dest)))
+    flags = flag_values(args, dest)
+    p = Problems(f"invalid {cls.__name__}")
+    masked_values(cls, data, flags, p)
+    cfg = from_dict(cls, merge_overrides(data, flags), p)
+    p.raise_if_any()
+    return cfg
 
 
 def adapter_config(args, method: str, config_file: str | None):
@@ -103,7 +110,8 @@ def cmd_upcycle(args) -> int:
     pesc = preset_config("pesc", flag_values(args, "adapter"))
     out = run_upcycle(cfg.model, cfg.adapter, cfg.out, pesc)
     print(f"wrote the upcycled model to {out}; load it with "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True), which runs the "
+          f"modelling code written there: {out / 'modeling_slimtune_pesc.py'} (read it first)")
     return 0
 
 
@@ -113,12 +121,20 @@ def cmd_check(args) -> int:
 
 
 def cmd_train(args) -> int:
-    data = read_config_file(args.config) if args.config else {}
-    data = merge_overrides(data, flag_values(args, "cmd"))
-    overrides = flag_values(args, "adapter")
+    file = read_config_file(args.config) if args.config else {}
+    flags, overrides = flag_values(args, "cmd"), flag_values(args, "adapter")
+    data = merge_overrides(file, flags)
     if overrides:
         data["adapter"] = merge_overrides(data.get("adapter") or {}, overrides)
-    cfg = train_config(data)  # the adapter part too, before any loading
+    p = Problems("invalid training config")
+    masked_values(TrainConfig, file, flags, p)
+    if overrides and isinstance(file.get("adapter"), dict) and is_method(data.get("method", "lora")):
+        masked_values(type(preset(data.get("method", "lora"))), file["adapter"], overrides, p, "adapter.")
+    try:
+        cfg = train_config(data)  # the adapter part too, before any loading
+    except SlimtuneError as e:
+        p.items += e.problems
+    p.raise_if_any()
     try:
         s = run_training(cfg)
     finally:
@@ -185,6 +201,16 @@ def cmd_demo_data(args) -> int:
     return 0
 
 
+def cmd_gist_tasks(args) -> int:
+    cfg = _config(args, GistTasksConfig)  # refuses to overwrite split files unless --overwrite
+    splits = gist_task_splits(cfg.seed, cfg.train, cfg.eval)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"wrote {', '.join(f'{len(rows)} {name}' for name, rows in splits.items())} rows to {out}")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("demo-data", DemoDataConfig, cmd_demo_data, "write the built-in demo data as JSONL")
     command("serve", ServeConfig, cmd_serve, "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
             "streaming) for the base model and any number of adapters, in one continuous batch")
+    command("gist-tasks", GistTasksConfig, cmd_gist_tasks, "write the gist task family's splits as JSONL")
     gist = sub.add_parser("gist", help="gist caches: compress an instruction into its gist tokens' keys and values",
                           description="gist caches: compress an instruction into its gist tokens' keys and values")
     gist_sub = gist.add_subparsers(dest="gist_command", required=True)
@@ -235,8 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The (sub)parser of the command given: its flags are the ones a typo is compared with."""
+    for dest in ("command", "gist_command"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, dest, None) not in sub.choices:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(join_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
+    if extras:
+        command = _command_parser(parser, args)
+        command.error(unknown_flags_message(command, extras))
     try:
         return args.fn(args)
     except SlimtuneError as e:
