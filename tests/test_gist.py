@@ -422,3 +422,42 @@ def test_caches_of_different_k_share_a_mixed_adapter_batch(gist_model_dir):
         n = fulls[name].shape[0]
         torch.testing.assert_close(out[row, -n:], fulls[name], atol=1e-5, rtol=0)
     assert not torch.allclose(fulls["one"][-1], fulls["three"][-1], atol=1e-3)
+
+
+def test_a_trained_gist_carries_the_instruction_where_neg_control_cannot(tmp_path):
+    """Two tasks that differ only by their instruction ("Answer yes." / "Answer no.") on the same
+    inputs. Trained for a handful of steps, the gist model's held-out loss beats the negative
+    control's, which cannot know the task: the instruction reaches the answer through the gist.
+    Were the gist mask the negative control's, the two would train alike and this would fail."""
+    import random
+
+    from conftest import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import LLAMA_LIKE
+
+    tok = make_tokenizer(tmp_path / "model")
+    torch.manual_seed(0)  # weights large enough (std 0.2) for signals to cross two attention hops early
+    config = LlamaConfig(**dict(LLAMA_LIKE, vocab_size=len(tok), max_position_embeddings=128, initializer_range=0.2))
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    words = ["river", "garden", "silver", "planet", "window", "coffee", "market", "pocket", "yellow", "bridge"]
+
+    def rows(n: int, seed: int, path):
+        r = random.Random(seed)
+        data = []
+        for _ in range(n):
+            task = r.randrange(2)
+            data.append({"instruction": ["Answer yes.", "Answer no."][task], "input": " ".join(r.sample(words, 3)),
+                         "output": ["yes", "no"][task]})
+        path.write_text("".join(json.dumps(x) + "\n" for x in data))
+        return str(path)
+
+    train, val = rows(400, 0, tmp_path / "train.jsonl"), rows(40, 1, tmp_path / "val.jsonl")
+    loss = {}
+    for condition in ("gist", "neg_control"):
+        s = slimtune.run_training(slimtune.TrainConfig(
+            model=str(tmp_path / "model"), method="lora", data=[train], val_data=[val], gist=1, gist_condition=condition,
+            steps=60, batch_size=8, lr=1e-2, lr_embedding=1e-2, warmup_steps=0, max_len=64, eval_generate=0,
+            eval_every=0, save_every=0, progress=False, out=str(tmp_path / condition), device="cpu"))
+        loss[condition] = s["after"]["loss"]
+    assert loss["gist"] < loss["neg_control"] - 0.15, loss
