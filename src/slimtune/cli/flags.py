@@ -46,7 +46,8 @@ def _flag_type(tp):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _flag_type(args[0]) if len(args) == 1 else (_number_or_str, None)
     if origin is list:
-        return str, "+"
+        (inner,) = typing.get_args(tp) or (str,)
+        return (inner if inner in (int, float) else str), "+"
     if tp is bool:
         return _bool, "?"
     return (tp if tp in (int, float) else str), None

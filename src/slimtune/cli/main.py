@@ -38,6 +38,7 @@ from ..recipes.generate import print_answers, run_generate
 from ..recipes.gist import run_compress, run_gist_generate
 from ..serve.config import ServeConfig
 from ..serve.server import run_server
+from ..recipes.study import StudyConfig, run_study, study_config
 from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
 from ..train.loop import Interrupted
@@ -190,6 +191,18 @@ def cmd_gist_compress(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    path = args.config_file or args.config
+    file = read_config_file(path) if path else {}
+    flags = flag_values(args, "cmd")
+    p = Problems("invalid study config")
+    masked_values(StudyConfig, file, flags, p)
+    p.raise_if_any()
+    page = run_study(study_config(merge_overrides(file, flags)))
+    print(f"wrote {page}")
+    return 0
+
+
 def cmd_demo_data(args) -> int:
     cfg = _config(args, DemoDataConfig)
     train, evals = demo_split(cfg.train, cfg.eval)
@@ -245,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("upcycle", UpcycleConfig, cmd_upcycle, "PESC: upcycle a dense model into a mixture of adapter experts "
             "and write it as a standalone transformers directory (LoRA merged)", adapter=(PESCConfig,))
     command("check", CheckConfig, cmd_check, "load the default model and check every method on it end to end")
+    study = sub.add_parser("study", help=StudyConfig.__doc__, description=StudyConfig.__doc__)
+    study.add_argument("config_file", nargs="?", metavar="CONFIG", help="a YAML/JSON file of StudyConfig fields "
+                       "(grid: a list of {name, method, adapter, lr, lr_vectors}); flags override it")
+    study.add_argument("--config", help="the same file, as a flag")
+    add_config_flags(study, (StudyConfig,), dest="cmd", skip=("grid",))
+    study.set_defaults(fn=cmd_study, file_config=False)
     command("demo-data", DemoDataConfig, cmd_demo_data, "write the built-in demo data as JSONL")
     command("serve", ServeConfig, cmd_serve, "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
             "streaming) for the base model and any number of adapters, in one continuous batch")

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..adapters.gist import gist_tokens
@@ -178,6 +180,14 @@ def _say(message: str) -> None:
     print(f"slimtune: {message}", flush=True)
 
 
+def peak_memory(device) -> int:
+    """The process's peak memory so far: CUDA's allocated peak on a GPU, else the peak resident
+    set (Linux reports it in KiB)."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     """Train as cfg says; returns a summary (and the per-step losses under 'losses')."""
     check_out(cfg)
@@ -278,7 +288,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     bar.close()
     checkpoint(step)
     summary = {"steps": step, "train_seconds": time.perf_counter() - t0, "trainable": count.trainable,
-               "base": count.base, "losses": losses, "truncation": dict(run.train.report),
+               "base": count.base, "peak_memory_bytes": peak_memory(run.device), "losses": losses, "truncation": dict(run.train.report),
                "skipped_rows": [str(p) for p in run.skipped]}
     after = evaluate_run(run, n_gen) if run.evaluates else {}
     adapter = full_tensors(adapter_state_dict(run.model)) if run.fsdp else None

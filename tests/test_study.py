@@ -1,0 +1,80 @@
+"""`slimtune study` end to end on a tiny model: a 2-method grid is swept, trained, evaluated and
+written up (table, Pareto plot, curves); a second invocation trains and evaluates nothing and
+writes the page again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from slimtune.cli import main
+from slimtune.recipes import study
+from slimtune.recipes.study import SHARED
+from slimtune.recipes.study_report import BEGIN
+
+pytestmark = pytest.mark.skipif(not (SHARED / "alpaca_plus").is_dir(), reason="needs ../shared/data")
+
+
+def grid_file(tmp_path, tiny_dir, **extra):
+    config = {"model": tiny_dir, "grid": [{"name": "lora-r8", "method": "lora", "adapter": {"r": 2}},
+                                          {"name": "ia3", "method": "ia3"}],
+              "mix": ["demo", "gsm8k"], "train_rows": 40, "val_rows": 4, "steps": 2, "batch_size": 2, "max_len": 64,
+              "sweep_fraction": 0.5, "lr_multipliers": [1.0, 3.0], "seeds": 2, "noise_seeds": 1, "eval_rows": 2,
+              "max_new_tokens": 4, "device": "cpu", "in_process": True, "out": str(tmp_path / "study"),
+              "page": str(tmp_path / "docs" / "study.md"), **extra}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(tiny_dir, tmp_path, monkeypatch, capsys):
+    config = grid_file(tmp_path, tiny_dir)
+    assert main(["study", str(config)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    sweeps = [r for r in records if r["kind"] == "sweep"]
+    finals = [r for r in records if r["kind"] == "final"]
+    assert len(sweeps) == 4 and all(r["val_loss"] is not None for r in sweeps)
+    # the cheapest method (ia3 here) runs 2 seeds, the other one
+    assert sorted((r["name"], r["seed"]) for r in finals) == [("ia3", 0), ("ia3", 1), ("lora-r8", 0)]
+    for r in finals:  # the winner of each sweep is the multiplier with the lowest validation loss
+        mine = [s for s in sweeps if s["name"] == r["name"]]
+        assert r["multiplier"] == min(mine, key=lambda s: s["val_loss"])["multiplier"]
+        assert set(r["scores"]) >= {"val_loss", "alpaca_rouge_l", "gsm8k_exact_match", "demo_exact_match"}
+        assert r["adapter_bytes"] > 0 and r["peak_memory_bytes"] > 0 and r["curve"]
+    page = (tmp_path / "docs" / "study.md").read_text()
+    assert "| lora-r8 |" in page and "| ia3 |" in page and "lr ×3" in page
+    assert (tmp_path / "docs" / "img" / "study_pareto.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "img" / "study_val_loss.png").stat().st_size > 1000
+    # hand-written notes outside the generated block survive; a second invocation runs nothing
+    (tmp_path / "docs" / "study.md").write_text(page + "\n## Why\n\nhand-written\n")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished study trained or evaluated again")
+
+    monkeypatch.setattr(study, "run_job", refuse)
+    monkeypatch.setattr(study, "evaluate_adapter", refuse)
+    assert main(["study", str(config)]) == 0
+    again = (tmp_path / "docs" / "study.md").read_text()
+    assert "hand-written" in again and again.count(BEGIN) == 1 and again.replace("\n## Why\n\nhand-written\n", "") == page
+    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_a_run_in_its_own_process_records_its_peak_memory(tiny_dir, tmp_path):
+    cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False).read_text()))
+    files = study.write_data(cfg, tmp_path / "study" / "data")
+    job = study.Job(cfg.grid[0], "final", 1.0, 0)
+    summary = study.run_job(cfg, job, files, tmp_path / "study")
+    assert "error" not in summary, summary
+    assert summary["steps"] == 2 and summary["peak_memory_bytes"] > 50 * 2**20
+    assert (tmp_path / "study" / "runs" / job.key / "adapter").is_dir()
+
+
+def test_a_bad_grid_is_refused_with_every_problem(tmp_path, tiny_dir, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"grid": [{"name": "a", "method": "lorra"}, {"name": "a", "method": "lora",
+                                                                                   "lr": -1}], "scale": 0}))
+    assert main(["study", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "lorra" in err and "share a name" in err and "lr=-1" in err and "scale=0" in err
