@@ -11,6 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,18 @@ PROMPTS = ["Sort the numbers: 3, 1, 2", "Convert 3 kilograms to grams", "Add 2 a
            "Name a colour", "Count to three", "What is 7 times 6?", "Say hello"]
 
 
+def save_perturbed(tiny_dir, method: str, directory, g: torch.Generator) -> str:
+    """A saved adapter over the tiny model, every tensor moved off its initial value."""
+    cfg = slimtune.preset(method, **({"r": 16} if method == "vera" else {}))
+    model = slimtune.add_adapter(slimtune.load_model(tiny_dir), cfg)
+    with torch.no_grad():
+        for t in slimtune.trainable_parameters(model).values():
+            t.copy_(t + 0.3 * torch.randn(t.shape, generator=g) if t.dim() == 1
+                    else 0.1 * torch.randn(t.shape, generator=g))
+    slimtune.save_adapter(model, directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_dir, tmp_path_factory):
     """Eight saved adapters over the tiny model (perturbed: nothing at identity), and a gist
@@ -35,13 +48,7 @@ def adapters(tiny_dir, tmp_path_factory):
     out = {}
     g = torch.Generator().manual_seed(0)
     for i, m in enumerate(METHODS8):
-        model = slimtune.add_adapter(slimtune.load_model(tiny_dir), slimtune.preset(m, **({"r": 16} if m == "vera" else {})))
-        with torch.no_grad():
-            for t in slimtune.trainable_parameters(model).values():
-                t.copy_(t + 0.3 * torch.randn(t.shape, generator=g) if t.dim() == 1
-                        else 0.1 * torch.randn(t.shape, generator=g))
-        slimtune.save_adapter(model, root / f"a{i}")
-        out[f"a{i}"] = str(root / f"a{i}")
+        out[f"a{i}"] = save_perturbed(tiny_dir, m, root / f"a{i}", g)
     model, tok = slimtune.load_model(tiny_dir), slimtune.load_tokenizer(tiny_dir)
     slimtune.add_adapter(model, slimtune.preset("lora"))
     slimtune.add_gist_tokens(model, slimtune.GistTokens(slimtune.add_gist_token(tok), 1))
@@ -58,7 +65,8 @@ def adapters(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_dir, adapters):
     cfg = ServeConfig(model=tiny_dir, adapter=[f"{k}={v}" for k, v in adapters.items() if ":" not in k],
-                      gist=[f"g:one={adapters['g:one']}"], port=0, max_loaded=9, max_batch=16, max_queue=128,
+                      gist=[f"g:one={adapters['g:one']}"], adapter_dir=[str(Path(adapters["a0"]).parent)], port=0,
+                      max_loaded=9, max_batch=16, max_queue=128,
                       max_prompt_tokens=512, max_tokens=256, max_body_bytes=4096)
     s = Server.start(cfg)
     yield s
@@ -166,11 +174,27 @@ BAD = [
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "max_tokens": 0}), 400, "max_tokens"),
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "temperature": -1}), 400, "temperature"),
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "top_p": 0}), 400, "top_p"),
-    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "n": 2}), 400, "n"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "n": 9}), 400, "n"),
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "stream": "yes"}), 400, "stream"),
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "word " * 700}), 400, "prompt"),
     ("/v1/completions", json.dumps({"model": "a0", "prompt": "x" * 5000}), 413, None),
-    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "stop": ["\n"]}), 400, "stop"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "stop": ""}), 400, "stop"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": [1, 10**6]}), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": ["x"] * 33}), 400, "prompt"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "logprobs": 6}), 400, "logprobs"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "presence_penalty": 2.5}), 400, "presence_penalty"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "frequency_penalty": -3}), 400, "frequency_penalty"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "logit_bias": {"1": 101}}), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "logit_bias": {"99999": 1}}), 400, "logit_bias"),
+    ("/v1/completions", json.dumps({"model": "a0", "prompt": "x", "stream_options": {"include_usage": True}}), 400,
+     "stream_options"),
+    ("/v1/chat/completions", json.dumps({"model": "a0", "messages": [{"role": "user", "content": "x"}],
+                                         "top_logprobs": 2}), 400, "top_logprobs"),
+    ("/v1/chat/completions", json.dumps({"model": "a0", "messages": [{"role": "user", "content": "x"}],
+                                         "logprobs": True, "top_logprobs": 21}), 400, "top_logprobs"),
+    ("/v1/chat/completions", json.dumps({"model": "a0", "messages": [{"role": "tool", "content": "x"}]}), 400,
+     "messages"),
     ("/v1/chat/completions", json.dumps({"model": "a0", "messages": "hi"}), 400, "messages"),
     ("/v1/chat/completions", json.dumps({"model": "a0", "messages": []}), 400, "messages"),
     ("/v1/chat/completions", json.dumps({"model": "a0", "messages": [{"content": "hi"}]}), 400, "messages"),
@@ -197,7 +221,9 @@ def test_adapters_load_and_unload_at_run_time(server, client, tiny_dir, adapters
     while "late" in server.service.pool.loaded and time.time() < deadline:
         time.sleep(0.05)
     assert "late" not in slimtune.adapter_names(server.service.engine.model)
-    assert raw(server, "/v1/adapters", json.dumps({"name": "x", "path": "/nonexistent"}))[0] == 400
+    missing = str(Path(adapters["a0"]).parent / "missing")
+    assert raw(server, "/v1/adapters", json.dumps({"name": "x", "path": missing}))[0] == 400
+    assert raw(server, "/v1/adapters", json.dumps({"name": "x", "path": "/nonexistent"}))[0] == 403  # not under
 
 
 def test_unknown_routes_and_methods_are_4xx(server):

@@ -1,215 +1,99 @@
 """The OpenAI-compatible HTTP API over the engine (FastAPI; `slimtune serve` runs it with uvicorn).
 
     GET  /v1/models                 the base, every known adapter, every adapter:gist pair
-    POST /v1/completions            prompt -> text (stream: server-sent events)
+    POST /v1/completions            prompt(s) -> text (stream: server-sent events)
     POST /v1/chat/completions       messages -> the tokenizer's chat template -> text
-    GET  /health                    ok, and what runs
+    GET  /health                    ok (and, to a client with the key, what runs)
     GET  /metrics                   Prometheus text: requests, tokens, tokens/s, queue, rows, adapters
-    POST /v1/adapters               {"name", "path"}: load an adapter at run time
+    POST /v1/adapters               {"name", "path"}: register an adapter from under --adapter_dir
     DELETE /v1/adapters/{name}      unload it
 
 `model` selects the base (its name, or "base"), an adapter, or "adapter:gist", a saved gist
 cache standing in for the instruction (the system prompt): the request's prompt, or the
 conversation's last user message, is then the input after the gists.
 
-Every error is a 4xx in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: a body
-that is not JSON or too large, an unknown field value, an unknown model, a prompt or
-max_tokens beyond the bounds, a full queue (429), a wrong API key (401). A client that goes
-away mid-stream frees its row at the next step. (No `from __future__ import annotations` here:
-FastAPI reads the handlers' annotations at run time.)
+Thin routes over typed request models (protocol.py) and a Service that does the work
+(service.py): it turns a request into engine rows (one per prompt and choice), feeds their
+tokens to their `Choice`s (text.py: stop strings, what a stream may release) and answers in
+OpenAI's shape. Every request passes the Guard first (guard.py: Host, Origin, key,
+Content-Type, size). Every error, the framework's 404 and 405 included, is in OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}. A client that goes away frees its
+rows: a stream's at once, a plain request's within DISCONNECT_POLL_S. (No `from __future__
+import annotations` here: FastAPI reads the handlers' annotations at run time.)
 """
 
 import asyncio
 import json
 import time
-import uuid
-from dataclasses import dataclass
 
-from ..data.templates import gist_prompt
 from ..errors import Problems
-from .engine import Engine, QueueFull, Request
-from .pool import AdapterPool
+from .guard import Guard
+from .protocol import AdapterRequest, ApiError, ChatCompletionRequest, CompletionRequest, parse_body, validation_error
+from .service import Job, Service
+
+DISCONNECT_POLL_S = 0.25  # how often a plain (not streaming) request checks that its client is still there
 
 
-@dataclass
-class Limits:
-    max_body_bytes: int = 1 << 20
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 512
-    api_key: str | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _field(body: dict, name: str, kind, default=None, low=None, high=None):
-    """A request field of the right JSON type and range, or an ApiError naming it."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}", name)
-    if low is not None and value < low or high is not None and value > high:
-        raise ApiError(400, f"'{name}'={value} is out of range [{low}, {high}]", name)
-    return value
-
-
-class Service:
-    """What the endpoints do, apart from HTTP: parse, validate, submit, collect."""
-
-    def __init__(self, engine: Engine, pool: AdapterPool, base_name: str, limits: Limits):
-        self.engine, self.pool, self.base_name, self.limits = engine, pool, base_name, limits
-        self.tok = engine.tok
-        self.rejected = 0
-
-    def models(self) -> list[str]:
-        return [self.base_name] + self.pool.models()
-
-    def resolve(self, model) -> tuple[str | None, object]:
-        """(adapter name or None, gist cache or None) for a request's `model`."""
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "'model' is required: the base, an adapter or adapter:gist", "model")
-        if model in (self.base_name, "base"):
-            return None, None
-        if model in self.pool.gists:
-            adapter, cache = self.pool.gists[model]
-            return adapter, cache
-        if model in self.pool.known:
-            return model, None
-        raise ApiError(404, f"model {model!r} does not exist; available: {self.models()}", "model",
-                       "model_not_found")
-
-    def request(self, body, chat: bool) -> tuple[Request, dict]:
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        adapter, gist = self.resolve(body.get("model"))
-        max_tokens = _field(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens", int,
-                            16 if not chat else self.limits.max_tokens, 1, self.limits.max_tokens)
-        temperature = _field(body, "temperature", float, 1.0, 0.0, 2.0)
-        top_p = _field(body, "top_p", float, 1.0, 0.0, 1.0)
-        if top_p == 0.0:
-            raise ApiError(400, "'top_p' must be above 0", "top_p")
-        seed = _field(body, "seed", int, None)
-        _field(body, "n", int, 1, 1, 1)  # one choice per request
-        stream = _field(body, "stream", bool, False)
-        ignore_eos = _field(body, "ignore_eos", bool, False)
-        for name in ("stop", "tools", "logprobs", "suffix", "echo"):
-            if body.get(name):
-                raise ApiError(400, f"'{name}' is not supported by this server", name)
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-            for i, m in enumerate(messages):
-                if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                        and isinstance(m.get("content"), str)):
-                    raise ApiError(400, f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}",
-                                   "messages")
-            if gist is not None:
-                users = [m["content"] for m in messages if m["role"] == "user"]
-                ids = self._input_ids(users[-1] if users else "")
-            elif getattr(self.tok, "chat_template", None):
-                ids = list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"])
-            else:
-                raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions", "messages")
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise ApiError(400, "'prompt' must be a string", "prompt")
-            ids = self._input_ids(prompt) if gist is not None else self.tok(prompt)["input_ids"]
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than this server's "
-                           f"{self.limits.max_prompt_tokens}", "messages" if chat else "prompt", "context_length_exceeded")
-        req = Request(list(ids), adapter, gist, max_tokens, temperature, top_p, seed, ignore_eos)
-        return req, {"stream": stream, "model": body["model"]}
-
-    def _input_ids(self, text: str) -> list[int]:
-        """The input part of the gist template, after the cached gists."""
-        return self.tok(gist_prompt("", text, 1)[1], add_special_tokens=False)["input_ids"]
-
-    def submit(self, req: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        out: asyncio.Queue = asyncio.Queue()
-        req.emit = lambda t: loop.call_soon_threadsafe(out.put_nowait, t)
-        try:
-            self.engine.submit(req)
-        except QueueFull as e:
-            self.rejected += 1
-            raise ApiError(429, f"the server is busy ({e}); retry later", code="rate_limit_exceeded",
-                           kind="rate_limit_error") from None
-        return out
-
-    def metrics(self) -> str:
-        e = self.engine
-        lines = ["# TYPE slimtune_requests_total counter", f"slimtune_requests_total {e.stats['requests']}",
-                 "# TYPE slimtune_requests_rejected_total counter", f"slimtune_requests_rejected_total {self.rejected}",
-                 "# TYPE slimtune_generated_tokens_total counter", f"slimtune_generated_tokens_total {e.stats['tokens']}",
-                 "# TYPE slimtune_tokens_per_second gauge", f"slimtune_tokens_per_second {e.tokens_per_s():.3f}",
-                 "# TYPE slimtune_queue_length gauge", f"slimtune_queue_length {e.waiting.qsize()}",
-                 "# TYPE slimtune_running_rows gauge", f"slimtune_running_rows {e.running}",
-                 "# TYPE slimtune_adapters_loaded gauge", f"slimtune_adapters_loaded {len(self.pool.loaded)}",
-                 "# TYPE slimtune_adapter_requests_total counter"]
-        lines += [f'slimtune_adapter_requests_total{{adapter="{a}"}} {n}' for a, n in sorted(e.adapter_requests.items())]
-        return "\n".join(lines) + "\n"
+def sse(obj) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
 def build_app(service: Service):
     """The FastAPI application over a Service."""
     from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     app = FastAPI(title="slimtune", docs_url=None, redoc_url=None, openapi_url=None)
-    limits = service.limits
+    limits, access = service.limits, service.access
+    if access.allowed_origins:  # answers the browsers' preflights for the allowed pages
+        app.add_middleware(CORSMiddleware, allow_origins=access.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(Guard, access=access)  # added last: runs first
+
+    def error(e: ApiError, headers: dict | None = None):
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return error(e)
+
+    @app.exception_handler(404)
+    @app.exception_handler(405)
+    async def http_error(request: HttpRequest, e):  # the router's (its HTTPException, or the framework's default)
+        status = getattr(e, "status_code", 404)
+        message = (f"no route {request.url.path[:200]!r}" if status == 404
+                   else f"{request.method} is not allowed on {request.url.path[:200]!r}")
+        return error(ApiError(status, message, code="not_found" if status == 404 else "method_not_allowed"),
+                     getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        return error(validation_error(list(e.errors())))
 
     @app.exception_handler(Exception)
     async def unexpected(_, e: Exception):  # never a bare 500 page: the error in OpenAI's shape
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
-                            status_code=500)
+        return error(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
 
-    @app.middleware("http")
-    async def guard(request: HttpRequest, call_next):
-        if limits.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {limits.api_key}":
-                return JSONResponse(ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                             code="invalid_api_key", kind="authentication_error").body(), 401)
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            return JSONResponse(ApiError(413, f"the body is larger than {limits.max_body_bytes} bytes").body(), 413)
-        return await call_next(request)
-
-    async def body_of(request: HttpRequest):
-        raw = await request.body()
-        if len(raw) > limits.max_body_bytes:
-            raise ApiError(413, f"the body is larger than {limits.max_body_bytes} bytes")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    async def read_body(request: HttpRequest) -> bytes:
+        """The body, refused (413) as soon as it passes the bound, whether or not it said its length."""
+        chunks, size = [], 0
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client went away before the body was complete")
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limits.max_body_bytes:
+                raise ApiError(413, f"the body is larger than {limits.max_body_bytes} bytes (--max_body_bytes)")
+            if not message.get("more_body"):
+                return b"".join(chunks)
 
     @app.get("/health")
-    async def health():
-        ok = service.engine._thread is not None and service.engine._thread.is_alive()
-        return JSONResponse({"status": "ok" if ok else "down", "running": service.engine.running,
-                             "queued": service.engine.waiting.qsize(), "adapters_loaded": list(service.pool.loaded)},
-                            status_code=200 if ok else 503)
+    async def health(request: HttpRequest):
+        body, status = service.health(access.authorized(dict(request.headers)))
+        return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
     async def metrics():
@@ -223,94 +107,72 @@ def build_app(service: Service):
 
     @app.post("/v1/adapters")
     async def load(request: HttpRequest):
-        body = await body_of(request)
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not isinstance(body.get("path"), str):
-            raise ApiError(400, "give {'name': string, 'path': adapter directory}")
-        try:
-            service.pool.register(body["name"], body["path"])
-        except Exception as e:
-            raise ApiError(400, str(e)) from None
-        return {"loaded": body["name"]}
+        body = parse_body(await read_body(request), AdapterRequest)
+        created = await service.register(body.name, body.path)
+        return {"loaded": body.name, "changed": created}
 
     @app.delete("/v1/adapters/{name}")
     async def unload(name: str):
-        if name not in service.pool.known:
-            raise ApiError(404, f"adapter {name!r} is not known", code="model_not_found")
-        service.pool.known.pop(name)
-        for key in [k for k, (a, _) in service.pool.gists.items() if a == name]:
-            service.pool.gists.pop(key)
-
-        def unload():  # on the engine's thread, once no running row uses it
-            if name in service.engine.in_use():
-                service.engine.call_later(unload)
-            else:
-                service.pool.unload(name)
-
-        service.engine.call_later(unload)
+        service.unregister(name)
         return {"unloaded": name}
 
-    async def run(request: HttpRequest, chat: bool):
-        req, meta = service.request(await body_of(request), chat)
-        out = service.submit(req, asyncio.get_running_loop())
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+    async def collect(job: Job, out: asyncio.Queue, request: HttpRequest) -> bool:
+        """Feed the rows' tokens to the choices until all are done; False if the client left
+        first (checked every DISCONNECT_POLL_S, whether or not tokens are coming)."""
+        async def feed():
+            while not job.done:
+                job.feed(*await out.get())
 
-        def chunk(text: str, finish: str | None) -> dict:
-            choice = {"index": 0, "finish_reason": finish}
-            if chat:
-                choice["delta"] = {"content": text} if text or finish is None else {}
-            else:
-                choice["text"] = text
-            return {"id": rid, "object": kind + (".chunk" if chat else ""), "created": created, "model": meta["model"],
-                    "choices": [choice]}
-
-        if meta["stream"]:
-            async def events():
-                done = False
-                try:
-                    if chat:
-                        first = chunk("", None)
-                        first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                        yield f"data: {json.dumps(first)}\n\n"
-                    sent = ""
-                    while True:
-                        t = await out.get()
-                        if t is None:
-                            break
-                        text = service.tok.decode(req.tokens[: len(req.tokens)], skip_special_tokens=True)
-                        if text.endswith("\ufffd"):
-                            continue  # an incomplete character: wait for the rest
-                        yield f"data: {json.dumps(chunk(text[len(sent):], None))}\n\n"
-                        sent = text
-                    final = service.tok.decode([t for t in req.tokens if t != service.engine.eos],
-                                               skip_special_tokens=True)
-                    if len(final) > len(sent):
-                        yield f"data: {json.dumps(chunk(final[len(sent):], None))}\n\n"
-                    yield f"data: {json.dumps(chunk('', req.finish_reason or 'stop'))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    done = True
-                finally:
-                    if not done:
-                        req.cancelled = True  # the client went away: free the row
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+        task = asyncio.ensure_future(feed())
         try:
-            while await out.get() is not None:
-                pass
-        except asyncio.CancelledError:
-            req.cancelled = True
-            raise
-        tokens = req.tokens if req.ignore_eos else [t for t in req.tokens if t != service.engine.eos]
-        text = service.tok.decode(tokens, skip_special_tokens=True)
-        choice = {"index": 0, "finish_reason": req.finish_reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": rid, "object": kind, "created": created, "model": meta["model"], "choices": [choice],
-                "usage": {"prompt_tokens": len(req.prompt), "completion_tokens": len(tokens),
-                          "total_tokens": len(req.prompt) + len(tokens)}}
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    return False
+            task.result()  # its ApiError, if a row failed
+            return True
+        finally:
+            task.cancel()
+
+    async def events(job: Job, out: asyncio.Queue):
+        """The server-sent events of a stream: its chunks, usage if asked, [DONE]."""
+        try:
+            if job.chat:
+                for i in range(len(job.choices)):
+                    yield sse(job.chunk(i, "", None, role=True))
+            while not job.done:
+                i, token = await out.get()
+                try:
+                    text = job.feed(i, token)
+                except ApiError as e:
+                    yield sse(e.body())
+                    break
+                finish = job.choices[i].finish_reason
+                if text:
+                    yield sse(job.chunk(i, text, None))
+                if finish is not None:
+                    yield sse(job.chunk(i, "", finish))
+            else:
+                if job.include_usage:
+                    yield sse({"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+                               "created": job.created, "model": job.model, "choices": [], "usage": job.usage()})
+            yield sse("[DONE]")
+        finally:
+            job.cancel()  # done, or the client went away: free the rows
+
+    async def run(request: HttpRequest, chat: bool):
+        body = parse_body(await read_body(request), ChatCompletionRequest if chat else CompletionRequest,
+                          service.bounds())
+        job = service.job(body, chat)
+        out = service.submit(job, asyncio.get_running_loop())
+        if job.stream:
+            return StreamingResponse(events(job, out), media_type="text/event-stream")
+        try:
+            if not await collect(job, out, request):
+                return JSONResponse(None, status_code=499)  # nobody is there to read it
+        finally:
+            job.cancel()
+        return job.answer()
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):

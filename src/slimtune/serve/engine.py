@@ -5,6 +5,8 @@ Requests wait in a bounded queue. Between two decoding steps the loop admits wai
 adapters/inject.adapter_rows) and merges their keys and values into the running batch's
 cache; then every running row decodes one token in one forward, each with its adapter.
 Finished rows (EOS, max_tokens) and rows whose client went away leave the batch at once.
+Each row's logits may be adjusted before it picks its token (OpenAI's presence and frequency
+penalties, a logit bias), and may report the model's log-probabilities.
 
 Why a loop of our own: transformers' continuous-batching engine (generate_batch and its paged
 cache) schedules tokens itself and gives no hook to say which adapter each row's tokens go
@@ -48,10 +50,16 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # generate max_tokens tokens whatever comes (benchmarks; vLLM's extension)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: times the number of times each was generated
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # report each token's log-probability and the k most likely (None: no)
     emit: object = None  # callable(token id or None at the end); called from the loop's thread
     cancelled: bool = False
     tokens: list[int] = field(default_factory=list)
+    steps: list | None = None  # with logprobs: per token, (its log-probability, [(id, log-probability)] * k)
     finish_reason: str | None = None
+    error: str | None = None  # why it finished with "error"
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     generator: torch.Generator | None = None
@@ -66,6 +74,14 @@ class Rows:
     mask: torch.Tensor
     pos: torch.Tensor
     logits: torch.Tensor  # (B, V) the next token's logits
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` and the k most likely tokens', from (V,) logits
+    (before penalties, bias, temperature and top_p, as vLLM reports by default)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    return float(lp[token]), [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -108,6 +124,8 @@ class Engine:
             raise QueueFull(f"{self.waiting.qsize()} requests are waiting already")
         if req.seed is not None:
             req.generator = torch.Generator().manual_seed(req.seed)
+        if req.logprobs is not None:
+            req.steps = []
         self.stats["requests"] += 1
         self.adapter_requests[req.adapter or "base"] += 1
         self.waiting.put(req)
@@ -154,7 +172,7 @@ class Engine:
                 self.error = e
                 print(f"slimtune serve: a generation step failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 for r in (self.rows.requests if self.rows is not None else []):
-                    self._finish(r, "error")
+                    self._finish(r, "error", f"a generation step failed: {type(e).__name__}: {e}")
                 self.rows = None
 
     @torch.no_grad()
@@ -203,14 +221,37 @@ class Engine:
         return True
 
     def _sample(self, rows: Rows) -> torch.Tensor:
-        out = rows.logits.argmax(-1)
+        logits = self._adjusted(rows)
+        out = logits.argmax(-1)
         for i, r in enumerate(rows.requests):
             if r.temperature > 0:
-                out[i] = _pick(rows.logits[i:i + 1], True, r.temperature, r.top_p, r.generator)[0]
+                out[i] = _pick(logits[i:i + 1], True, r.temperature, r.top_p, r.generator)[0]
+            if r.logprobs is not None:
+                r.steps.append(_logprobs(rows.logits[i], int(out[i]), r.logprobs))
         return out
 
-    def _finish(self, r: Request, reason: str) -> None:
-        r.finish_reason = reason
+    def _adjusted(self, rows: Rows) -> torch.Tensor:
+        """The logits the rows pick from: OpenAI's penalties on the counts of the tokens each row
+        generated so far, `logit[j] -= frequency * count[j] + presence * (count[j] > 0)`, then
+        the row's logit bias. The model's own logits when no row asks for either."""
+        asks = [i for i, r in enumerate(rows.requests)
+                if r.presence_penalty or r.frequency_penalty or r.logit_bias]
+        if not asks:
+            return rows.logits
+        logits = rows.logits.clone()
+        V = logits.shape[-1]
+        for i in asks:
+            r = rows.requests[i]
+            if r.tokens and (r.presence_penalty or r.frequency_penalty):
+                count = torch.bincount(torch.tensor(r.tokens, device=logits.device), minlength=V)[:V].float()
+                logits[i] -= r.frequency_penalty * count + r.presence_penalty * (count > 0).float()
+            if r.logit_bias:
+                ids = torch.tensor(list(r.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(r.logit_bias.values()), device=logits.device)
+        return logits
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        r.finish_reason, r.error = reason, error
         r.emit(None)
 
     def _drop_cancelled(self) -> None:
@@ -249,9 +290,13 @@ class Engine:
             if r.cancelled:
                 self._finish(r, "cancelled")
                 continue
-            ok = True if r.adapter is None else self.ensure_adapter(r.adapter, in_use | {x.adapter for x in new})
+            try:
+                ok = True if r.adapter is None else self.ensure_adapter(r.adapter, in_use | {x.adapter for x in new})
+            except Exception as e:  # its adapter failed to load: this request fails, no other
+                self._finish(r, "error", f"adapter {r.adapter!r} failed to load: {e}")
+                continue
             if ok is None:  # the adapter was dropped while the request waited
-                self._finish(r, "error")
+                self._finish(r, "error", f"adapter {r.adapter!r} was unloaded while the request waited")
                 continue
             if not ok:
                 deferred.append(r)  # every adapter slot is in use: wait for one to free

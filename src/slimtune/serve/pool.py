@@ -7,41 +7,84 @@
 At most `max_loaded` adapters sit on the model at once; asking for another evicts the least
 recently used one that no running row uses (and waits, if all of them are in use). Loading
 and unloading never reload the base. Every change to the model happens on the engine's
-thread, between two decoding steps (`ensure` is called from there; `call_on_engine` brings
-other changes there).
+thread, between two decoding steps (`ensure` is called from there; the service brings
+`register` and `unload` there with `Engine.call_later`).
+
+Registering checks the adapter by loading it once (config, weights, the fit to the base) and
+unloading it again, so that a broken directory is refused when it is named, not when a
+request first asks for it. The directory is kept with its symbolic links resolved. Names are
+plain words, `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` (no ':', which separates a gist cache's name, and
+nothing that needs escaping in a URL or a metric label). A name is bound to one directory:
+naming it again with the same directory changes nothing, with another is a `Conflict`.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
 from ..adapters.inject import adapter_names, delete_adapter
-from ..errors import Problems
+from ..errors import Problem, Problems, SlimtuneError
 from ..eval.gist_cache import GistCache, load_cache
 from ..formats.adapter import load_adapter
 from ..recipes.gist import identity
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class Conflict(SlimtuneError):
+    """The name is taken by another adapter directory (HTTP 409)."""
+
+
+def check_name(p: Problems, name: str, what: str = "adapter name") -> None:
+    if not NAME.fullmatch(name):
+        p.add(f"{what} {name[:80]!r}", "names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+              "digit (':' separates a gist cache's name)", "use e.g. support=runs/support/adapter")
+
+
 class AdapterPool:
-    def __init__(self, model, tokenizer, max_loaded: int = 8):
+    def __init__(self, model, tokenizer, max_loaded: int = 8, reserved: set[str] = frozenset()):
         self.model, self.tok = model, tokenizer
         self.max_loaded = max_loaded
-        self.known: dict[str, str] = {}  # name -> directory
+        self.reserved = set(reserved)  # names the server answers to itself (the base's)
+        self.known: dict[str, str] = {}  # name -> directory (symbolic links resolved)
         self.loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self.gists: dict[str, tuple[str, GistCache]] = {}  # "adapter:gist" -> (adapter, cache)
         self.loads = 0
         self.evictions = 0
 
-    def register(self, name: str, directory: str) -> None:
+    def register(self, name: str, directory: str) -> bool:
+        """Know adapter `name` at `directory`, once loading it has succeeded; False if it is known
+        there already (nothing to do). Raises SlimtuneError if it cannot be loaded, Conflict if
+        the name is taken."""
         p = Problems("cannot register the adapter")
-        if not name or ":" in name or "/" in name:
-            p.add(f"adapter name {name!r}", "names are plain words (':' separates a gist cache's name)",
-                  "use e.g. support=runs/support/adapter")
-        if not (Path(directory) / "adapter_config.json").is_file():
-            p.add(f"adapter {name}={directory!r}", "no adapter_config.json there", "point at a saved adapter directory")
+        check_name(p, name)
+        if name in self.reserved:
+            p.add(f"adapter name {name!r}", "it is the base model's name", "pick another name")
         p.raise_if_any()
-        self.known[name] = str(directory)
+        real = os.path.realpath(directory)
+        if self.known.get(name, real) != real:
+            raise Conflict(Problem(f"adapter {name!r}", f"it is registered already, from {self.known[name]!r}",
+                                   f"DELETE /v1/adapters/{name} first, or pick another name"))
+        if name in self.known:
+            return False
+        if name in self.loaded:
+            raise Conflict(Problem(f"adapter {name!r}", "it was just deleted and is still being unloaded",
+                                   "retry in a moment"))
+        try:  # a full load is the only complete check; the first request loads it again
+            load_adapter(self.model, real, name=name, tokenizer=self.tok)
+        except SlimtuneError:
+            raise
+        except Exception as e:  # a failure the loader does not explain itself
+            p.add(f"adapter {name}={directory!r}", f"it could not be loaded ({type(e).__name__}: {e})",
+                  "point at a directory written by slimtune.save_adapter or by PEFT")
+            p.raise_if_any()
+        delete_adapter(self.model, name)
+        self.known[name] = real
+        return True
 
     def ensure(self, name: str, in_use: set) -> bool | None:
         """Adapter `name` on the model (loading it, evicting the least recently used unused one
@@ -74,6 +117,9 @@ class AdapterPool:
             p = Problems("cannot serve the gist cache")
             p.add(f"gist {key}={path!r}", f"adapter {adapter!r} is not known", f"pass --adapter {adapter}=DIR too")
             p.raise_if_any()
+        p = Problems("cannot serve the gist cache")
+        check_name(p, key.split(":", 1)[-1], "gist name")
+        p.raise_if_any()
         cache = load_cache(Path(path), identity(self.model, adapter))
         self.gists[key] = (adapter, cache)
 
