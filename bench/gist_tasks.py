@@ -81,6 +81,18 @@ def evaluate(run: Path, args, files: dict[str, Path], log: Path) -> None:
             print(run.name, step, split, f"exact match {s['exact_match']:.3f}", flush=True)
 
 
+def recovered_share(score: dict, ks: list[int], steps: list[int]) -> dict:
+    """{k: {split: {step: (gist - neg) / (pos - neg)}}} of a higher-is-better score, where pos > neg."""
+    out: dict = {}
+    for k in ks:
+        for split in EVAL_SPLITS:
+            for s in steps:
+                g, p, n = (score.get((r, s, split)) for r in (f"gist-k{k}", "pos_control-k1", "neg_control-k1"))
+                if None not in (g, p, n) and p > n:
+                    out.setdefault(f"k{k}", {}).setdefault(split, {})[str(s)] = (g - n) / (p - n)
+    return out
+
+
 def summarise(out: Path, ks: list[int]) -> dict:
     records = read(out / "results.jsonl")
     em = {(r["run"], r["step"], r["split"]): r["exact_match"] for r in records if "split" in r}
@@ -91,22 +103,9 @@ def summarise(out: Path, ks: list[int]) -> dict:
     for run in [f"gist-k{k}" for k in ks] + ["pos_control-k1", "neg_control-k1"]:
         summary["runs"][run] = {split: {str(s): {"exact_match": em.get((run, s, split)), "loss": loss.get((run, s, split))}
                                         for s in steps if (run, s, split) in em} for split in EVAL_SPLITS}
-    recovered = {}
-    for k in ks:
-        for split in EVAL_SPLITS:
-            for s in steps:
-                g, p, n = (em.get((r, s, split)) for r in (f"gist-k{k}", "pos_control-k1", "neg_control-k1"))
-                if None not in (g, p, n) and p > n:
-                    recovered.setdefault(f"k{k}", {}).setdefault(split, {})[str(s)] = (g - n) / (p - n)
-    summary["recovered"] = recovered
-    by_loss = {}  # the same share measured by held-out loss: (neg - gist) / (neg - pos)
-    for k in ks:
-        for split in EVAL_SPLITS:
-            for s in steps:
-                g, p, n = (loss.get((r, s, split)) for r in (f"gist-k{k}", "pos_control-k1", "neg_control-k1"))
-                if None not in (g, p, n) and n > p:
-                    by_loss.setdefault(f"k{k}", {}).setdefault(split, {})[str(s)] = (n - g) / (n - p)
-    summary["recovered_by_loss"] = by_loss
+    summary["recovered"] = recovered_share(em, ks, steps)
+    # the same share by held-out loss, (neg - gist) / (neg - pos): the share of the negated losses
+    summary["recovered_by_loss"] = recovered_share({key: -v for key, v in loss.items()}, ks, steps)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

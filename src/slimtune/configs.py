@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 import types
 import typing
 from typing import Any, Literal, Union
@@ -125,3 +126,10 @@ def choice(p: Problems, name: str, value: Any, allowed: tuple | list) -> None:
 def at_least(p: Problems, name: str, value: Any, low: float) -> None:
     if value < low:
         p.add(f"{name}={value!r}", f"must be at least {low}", f"set {name} >= {low}")
+
+
+def out_directory(p: Problems, name: str, value, fix: str = "give the path of a directory (it is created if missing)"
+                  ) -> None:
+    """A problem if `value`, a directory to write into, is an existing file."""
+    if Path(value).exists() and not Path(value).is_dir():
+        p.add(f"{name}={str(value)!r}", "it is a file, not a directory", fix)

@@ -202,9 +202,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (PEFT's name). What is left is the plain base model with the merged weights, under the
     base's own parameter names: `save_pretrained` writes it as any transformers model, and
     `add_adapter` accepts it again. Refused, with nothing changed, where merging is."""
-    r = root(model)
-    if r is not None:
-        _fold(model, r.name, merge=True, reversible=False)  # never unmerged: the adapters go
+    _fold(model, None, merge=True, reversible=False)  # never unmerged: the adapters go
     for _, host in hosts(model):
         host.merged = None  # the weights stay folded; the adapters go
     for n in adapter_names(model):

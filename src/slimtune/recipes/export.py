@@ -14,6 +14,7 @@ from pathlib import Path
 from ..adapters.gist import gist_tokens
 from ..adapters.helpers import merge_and_unload
 from ..adapters.inject import get_config
+from ..configs import out_directory
 from ..errors import Problems
 from ..adapters.inject import add_adapter
 from ..adapters.pesc import PESCConfig
@@ -26,12 +27,10 @@ FORMATS = ("peft-lora", "peft", "merged")
 
 
 def _out_dir(out: str) -> Path:
-    target = Path(out)
-    if target.exists() and not target.is_dir():
-        p = Problems("cannot export")
-        p.add(f"out={out!r}", "it is a file, not a directory", "give a directory to write into")
-        p.raise_if_any()
-    return target
+    p = Problems("cannot export")
+    out_directory(p, "out", out, "give a directory to write into")
+    p.raise_if_any()
+    return Path(out)
 
 
 def run_upcycle(model_name: str, adapter: str | None, out: str, cfg: PESCConfig) -> Path:

@@ -48,7 +48,7 @@ from ..data.demo import demo_split
 from ..errors import Problems
 from ..eval.config import EvalConfig
 from ..formats.adapter import load_adapter
-from ..models.load import build_on_meta, load_model, load_tokenizer, resolve, resolve_device
+from ..models.load import build_on_meta, load_model, load_tokenizer, resolve_device
 from ..train.config import train_config
 from .evaluate import run_eval
 from .study_report import write_page
@@ -179,11 +179,12 @@ def write_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
     shared = Path(cfg.shared_data)
     p = Problems("the study's data")
     for need in ["alpaca_plus", "gsm8k"] + [s for s in cfg.mix if s != "demo"]:
-        if not (shared / {"self_instruct": "self_instruct"}.get(need, need)).is_dir():
+        if not (shared / need).is_dir():
             p.add(f"shared_data={cfg.shared_data!r}", f"holds no {need}/", "point --shared_data at ../shared/data")
     p.raise_if_any()
     rng = random.Random(0)
-    held_out = {json.dumps(r, sort_keys=True) for r in _gsm8k(shared)[-GSM8K_HELD_OUT:]}
+    gsm8k_held_out = _gsm8k(shared)[-GSM8K_HELD_OUT:]
+    held_out = {json.dumps(r, sort_keys=True) for r in gsm8k_held_out}
     alpaca = {s: json.loads((shared / "alpaca_plus" / f"validation_{s}.json").read_text()) for s in ("seen", "unseen", "human")}
     eval_instructions = {r["instruction"].strip() for rows in alpaca.values() for r in rows}
     pools = {s: [r for r in SOURCES[s](shared) if json.dumps(r, sort_keys=True) not in held_out
@@ -196,7 +197,7 @@ def write_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
         rows += rng.sample(pools[s], min(take, len(pools[s])))
     rng.shuffle(rows)
     data = {"val": rows[: cfg.val_rows], "train": rows[cfg.val_rows:],
-            "gsm8k": _gsm8k(shared)[-GSM8K_HELD_OUT:][: cfg.scaled(cfg.eval_rows)]}
+            "gsm8k": gsm8k_held_out[: cfg.scaled(cfg.eval_rows)]}
     for s, split in alpaca.items():
         data[f"alpaca_{s}"] = random.Random(1).sample(split, min(cfg.scaled(cfg.eval_rows), len(split)))
     for name, file in files.items():
@@ -305,14 +306,9 @@ def trainable_parameters(cfg: StudyConfig, entry: GridEntry) -> int:
     """Trainable parameters of the entry on the model, counted on the meta device."""
     if entry.method == "base":
         return 0
-    model = build_on_meta(_model_config(cfg.model))
+    model = build_on_meta(cfg.model)  # a shipped config (smollm2-135m) or a model directory
     add_adapter(model, preset_config(entry.method, dict(entry.adapter)))
     return count_parameters(model).trainable
-
-
-def _model_config(model: str) -> str:
-    path = Path(model)
-    return str(path) if path.is_dir() else ("smollm2-135m" if model.lower() == "smollm2-135m" else resolve(model))
 
 
 # ---- the study --------------------------------------------------------------------------------------
