@@ -2,7 +2,7 @@
 trained on the same data, steps and seed, scored with ROUGE-L and loss on the Alpaca+
 validation splits.
 
-    nice -n 19 python bench/gist_demo.py --out runs/gist_alpaca --steps 600        # SmolLM2-135M, CPU
+    nice -n 19 python bench/gist_demo.py --out runs/gist_alpaca --precision bf16   # SmolLM2-135M, CPU
     python bench/gist_demo.py --out runs/gist_alpaca --steps 3000 --device cuda
 
 Settings are chosen before the evaluation splits are touched: a short sweep (--sweep-steps) of
@@ -74,7 +74,8 @@ def train_run(run: Path, args, data: Path, val: Path, condition: str, method: st
             model=args.model, method=method, data=[str(data)], val_data=[str(val)], gist=1, gist_condition=condition,
             steps=steps, batch_size=8, max_len=args.max_len, lr=args.lr if method != "full" else args.lr_full,
             lr_embedding=lr_embedding, eval_generate=0, eval_every=max(1, steps // 6), save_every=max(1, steps // 4),
-            progress=False, out=str(run), device=args.device, seed=args.seed, resume=resume))
+            progress=False, out=str(run), device=args.device, seed=args.seed, resume=resume,
+            precision=args.precision))
     return json.loads((run / "summary.json").read_text())["after"]["loss"]
 
 
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", help="training: fp32 | bf16 | auto (bf16 on a GPU)")
     ap.add_argument("--conditions", nargs="+", default=["gist", "pos_control", "neg_control"])
     args = ap.parse_args()
     out = Path(args.out)
@@ -123,7 +125,7 @@ def main() -> None:
         mix = training_mix(args.rows + args.val_rows, 0)
         val.write_text("".join(json.dumps(r) + "\n" for r in mix[: args.val_rows]))
         data.write_text("".join(json.dumps(r) + "\n" for r in mix[args.val_rows:]))
-    results: dict = {"model": args.model, "steps": args.steps, "rows": args.rows, "sweep": {}, "scores": {},
+    results: dict = {"model": args.model, "steps": args.steps, "rows": args.rows, "precision": args.precision, "sweep": {}, "scores": {},
                      "seconds": {}}
     method, lr_emb = args.method, args.lr_embedding
     if method is None:  # the sweep: gist condition, loss on the training mix's validation slice
