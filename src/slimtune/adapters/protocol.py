@@ -66,6 +66,7 @@ class AuxLoss:
     name: str
     total: torch.Tensor
     weight: float
+    adapter: str | None = None  # the adapter that reported it (mixed batches split the losses by it)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class SiteAdapter(Declares):
         """Report an auxiliary loss (see AuxLoss); dropped unless the loop is collecting."""
         state = self.root.state
         if state.aux is not None:
-            state.aux.append(AuxLoss(name, total, weight))
+            state.aux.append(AuxLoss(name, total, weight, self.root.name))
 
     def token_mask(self, like: torch.Tensor) -> torch.Tensor:
         """(B, T) bool of the real tokens of `like` (B, T, ...): the batch's, or all."""
@@ -213,20 +214,22 @@ class AdapterHost(nn.Module):
         with that adapter active (so hosts inside this module's base, PESC's FFN layers, use it
         too)."""
         state = self._state[0]
-        saved = state.rows, state.active, state.enabled
+        saved = state.rows, state.active, state.enabled, state.token_mask
+        mask = saved[3] if saved[3] is not None and saved[3].shape[:2] == x.shape[:2] else None
         out = None
         try:
             state.rows = None
             for name in dict.fromkeys(rows):
                 idx = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
                 state.active, state.enabled = name, name is not None
+                state.token_mask = None if mask is None else mask[idx]  # the sub-batch's real tokens
                 site = self.adapters[name] if name in self.adapters else None
                 y = self.base(x[idx], *args, **kwargs) if site is None else site(self.base, x[idx], *args, **kwargs)
                 if out is None:
                     out = y.new_empty((len(rows),) + tuple(y.shape[1:]))
                 out[idx] = y
         finally:
-            state.rows, state.active, state.enabled = saved
+            state.rows, state.active, state.enabled, state.token_mask = saved
         return out
 
     def __getattr__(self, name: str):

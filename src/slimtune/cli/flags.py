@@ -100,33 +100,33 @@ def flag_values(args: argparse.Namespace, dest: str) -> dict:
     return out
 
 
-def read_config_file(path: str) -> dict:
-    """A YAML (.yaml/.yml) or JSON config file as a mapping; a missing, unreadable or malformed
-    file is one clear error."""
+def read_config_file(path: str, flag: str = "--config") -> dict:
+    """A YAML (.yaml/.yml) or JSON config file (given as `flag`) as a mapping; a missing,
+    unreadable or malformed file is one clear error."""
     file = Path(path)
-    p = Problems("cannot read the config file")
+    p = Problems(f"cannot read the {'config' if flag == '--config' else flag.lstrip('-')} file")
     if not file.is_file():
-        p.add(f"--config {path!r}", "a directory, not a file" if file.is_dir() else "no such file",
+        p.add(f"{flag} {path!r}", "a directory, not a file" if file.is_dir() else "no such file",
               "give the path of a YAML or JSON file")
         p.raise_if_any()
     try:
         text = file.read_text(encoding="utf-8-sig")
         data = yaml.safe_load(text) if file.suffix in (".yaml", ".yml") else json.loads(text)
     except UnicodeDecodeError as e:
-        p.add(f"--config {path!r}", f"not UTF-8 text ({e.reason})", "save it as UTF-8")
+        p.add(f"{flag} {path!r}", f"not UTF-8 text ({e.reason})", "save it as UTF-8")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        p.add(f"--config {path!r}", f"not valid YAML{where} ({getattr(e, 'problem', None) or e})",
+        p.add(f"{flag} {path!r}", f"not valid YAML{where} ({getattr(e, 'problem', None) or e})",
               "fix the YAML there")
     except json.JSONDecodeError as e:
-        p.add(f"--config {path!r}", f"not valid JSON at line {e.lineno} ({e.msg})",
+        p.add(f"{flag} {path!r}", f"not valid JSON at line {e.lineno} ({e.msg})",
               "fix the JSON there, or name the file .yaml")
     p.raise_if_any()
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        p.add(f"--config {path!r}", f"it holds a {type(data).__name__}, not a mapping of fields",
+        p.add(f"{flag} {path!r}", f"it holds a {type(data).__name__}, not a mapping of fields",
               "write `key: value` lines")
         p.raise_if_any()
     return data

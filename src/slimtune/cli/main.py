@@ -39,6 +39,7 @@ from ..recipes.gist import run_compress, run_gist_generate
 from ..serve.config import ServeConfig
 from ..serve.server import run_server
 from ..recipes.study import StudyConfig, run_study, study_config
+from ..recipes.jobs import job_configs, run_jobs
 from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
 from ..train.loop import Interrupted
@@ -136,6 +137,13 @@ def cmd_train(args) -> int:
     except SlimtuneError as e:
         p.items += e.problems
     p.raise_if_any()
+    if cfg.jobs:
+        cfgs, names = job_configs({k: v for k, v in data.items() if k != "jobs"}, read_config_file(cfg.jobs, "--jobs"))
+        report = run_jobs(cfgs, names, progress=cfg.progress)
+        for name, c in zip(names, cfgs):
+            if name in report.finished:
+                print(f"{name}: adapter {Path(c.out) / 'adapter'}")
+        return 0
     try:
         s = run_training(cfg)
     finally:

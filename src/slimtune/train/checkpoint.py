@@ -49,10 +49,12 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
 
 
-def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: int = 2, write: bool = True) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically; keep the newest `keep`.
-    Under FSDP2 every rank calls this (the tensors are gathered) and only `write=True` writes."""
-    adapter = full_tensors(adapter_state_dict(model))
+def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: int = 2, write: bool = True,
+                    name: str | None = None) -> Path:
+    """Write checkpoint `step` of adapter `name` (the active one) under root/checkpoints
+    atomically; keep the newest `keep`. Under FSDP2 every rank calls this (the tensors are
+    gathered) and only `write=True` writes."""
+    adapter = full_tensors(adapter_state_dict(model, name))
     tensors, opt_meta = _optimizer_tensors(opt)
     ckpts = Path(root) / "checkpoints"
     final = ckpts / f"step-{step:06d}"
@@ -61,7 +63,7 @@ def save_checkpoint(root: str | Path, step: int, model, opt, state: dict, keep: 
     ckpts.mkdir(parents=True, exist_ok=True)
     tmp = ckpts / f".tmp-step-{step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, tensors=adapter)
+    save_adapter(model, tmp, name=name, tensors=adapter)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,8 +124,9 @@ def read_checkpoint(path: str | Path, model) -> dict:
     return {"state": state, "adapter": adapter, "optimizer": optimizer, "rng": rng, "path": path}
 
 
-def restore(ckpt: dict, model, opt) -> dict:
-    """Restore adapter, optimiser and RNG from a read checkpoint; return its trainer state."""
+def restore(ckpt: dict, model, opt, name: str | None = None) -> dict:
+    """Restore adapter `name` (the active one), optimiser and RNG from a read checkpoint; return
+    its trainer state."""
     state, tensors, path = ckpt["state"], ckpt["optimizer"], ckpt["path"]
     meta = state["optimizer"]
     groups = meta["param_groups"]
@@ -132,7 +135,7 @@ def restore(ckpt: dict, model, opt) -> dict:
         p.add(f"checkpoint {str(path)!r}", "its optimiser has different parameter groups than this run",
               "resume with the same method and adapter settings it was written with")
         p.raise_if_any()
-    copy_into_adapter(model, ckpt["adapter"], str(path), None)
+    copy_into_adapter(model, ckpt["adapter"], str(path), name)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt_state = {int(i): {k: shard_like(tensors[f"{i}.{k}"], params[int(i)]) if tensors[f"{i}.{k}"].dim() else
                           tensors[f"{i}.{k}"] for k in keys}

@@ -15,7 +15,8 @@ from ..errors import Problems, SlimtuneError
 
 # What may change when a run resumes: how it reports and how long it runs, not what it computes.
 RESUMABLE = ("steps", "epochs", "out", "resume", "allow_config_change", "save_every", "keep_checkpoints",
-             "eval_every", "log_every", "eval_generate", "max_new_tokens", "progress", "device", "keep_freed_memory")
+             "eval_every", "log_every", "eval_generate", "max_new_tokens", "progress", "device", "keep_freed_memory",
+             "jobs")
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     eval_generate: int = field(100, "held-out examples generated and scored before and after training; 0 = none")
     max_new_tokens: int = field(48, "generation length for the before/after evaluation")
     progress: bool = field(True, "show a progress bar")
+    jobs: str | None = field(None, "a YAML file of jobs (`jobs:`, a list of mappings of these fields) trained "
+                             "together over one base model in one process; the flags set what they share")
 
     def __post_init__(self):
         if self.gist and self.template == "chat":  # the gist template is the one that places the gists

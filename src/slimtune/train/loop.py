@@ -109,17 +109,18 @@ def _prepare(examples, tokenizer, cfg: TrainConfig, gist: GistTokens | None = No
     return Bt.pack(prep, cfg.max_len) if cfg.packing else prep
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list]:
-    """AdamW with one group per declared optimiser group (matrix, vector, router, embedding),
-    each with its own learning rate and weight decay."""
-    set_trainable(model)
+def build_optimizer(model: nn.Module, cfg: TrainConfig, name: str | None = None) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW over adapter `name` (the active one), with one group per declared optimiser group
+    (matrix, vector, router, embedding), each with its own learning rate and weight decay.
+    Only that adapter's tensors are left trainable."""
+    set_trainable(model, name)
     lr = {"matrix": cfg.lr or DEFAULT_LR["matrix"], "vector": cfg.lr_vectors or DEFAULT_LR["vector"],
           "router": cfg.lr_router or cfg.lr or DEFAULT_LR["matrix"],
           "embedding": cfg.lr_embedding or DEFAULT_LR["embedding"]}
     decay = {"matrix": cfg.weight_decay, "vector": cfg.weight_decay_vectors, "router": cfg.weight_decay_router,
              "embedding": cfg.weight_decay_embedding}
     groups = [{"params": ps, "lr": lr[g], "weight_decay": decay[g], "base_lr": lr[g], "group": g}
-              for g, ps in param_groups(model).items() if ps]
+              for g, ps in param_groups(model, name).items() if ps]
     params = [p for g in groups for p in g["params"]]
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=fusable_adamw(params)), params
 
@@ -205,19 +206,21 @@ def setup(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
     return run
 
 
-def micro_batches(run: Run, step: int) -> list[dict]:
-    """This rank's micro-batches of optimiser step `step` (deterministic in seed and step)."""
+def micro_indices(run: Run, step: int) -> list[list[int]]:
+    """The training rows of this rank's micro-batches of optimiser step `step` (deterministic in
+    seed and step)."""
     cfg, B = run.cfg, run.cfg.batch_size
     epoch, pos = divmod(step, run.steps_per_epoch)
     order = Bt.epoch_order(len(run.train.input_ids), cfg.seed, epoch)
     window = order[pos * run.window:(pos + 1) * run.window]
+    return [window[(m * run.world + run.rank) * B:(m * run.world + run.rank + 1) * B] for m in range(cfg.grad_accum)]
+
+
+def micro_batches(run: Run, step: int) -> list[dict]:
+    """This rank's micro-batches of optimiser step `step`, collated, on the device."""
     pad = Bt.pad_id(run.tokenizer)
-    out = []
-    for m in range(cfg.grad_accum):
-        idx = window[(m * run.world + run.rank) * B:(m * run.world + run.rank + 1) * B]
-        b = Bt.collate(**run.train.rows(idx), pad_id=pad)
-        out.append({k: v.to(run.device) for k, v in b.items()})
-    return out
+    return [{k: v.to(run.device) for k, v in Bt.collate(**run.train.rows(idx), pad_id=pad).items()}
+            for idx in micro_indices(run, step)]
 
 
 def _all_sum(x: torch.Tensor, run: Run) -> torch.Tensor:

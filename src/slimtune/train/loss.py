@@ -32,7 +32,8 @@ class CausalLMLoss(torch.nn.Module):
                      and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
                      and model.base_model is not model)
 
-    def forward(self, input_ids, attention_mask, labels, position_ids=None):
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, per_row: bool = False):
+        """(summed loss, labelled tokens); with per_row, each row's sum and count, (B,) each."""
         target = labels[:, 1:]  # (B, T-1)
         keep = target != IGNORE
         mask = model_mask(attention_mask, self.model, compute_dtype(self.model, input_ids.device))
@@ -42,7 +43,11 @@ class CausalLMLoss(torch.nn.Module):
             logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=mask, **kw).logits[:, :-1][keep]
-        return F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum()
+        if not per_row:
+            return F.cross_entropy(logits.float(), target[keep], reduction="sum"), keep.sum()
+        row = keep.nonzero()[:, 0]  # the row of each labelled token                  (N,)
+        ce = F.cross_entropy(logits.float(), target[keep], reduction="none")  # (N,)
+        return ce.new_zeros(len(keep)).index_add(0, row, ce), keep.sum(1)
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ each row's slot, so one batched computation serves every row:
 - (IA)³: l_i gathered, (N, 1, n), and applied as usual.
 
 Stacks are cached per set of adapters and rebuilt when adapters are added, removed or loaded
-(AdapterState.version). Rows mode is for inference: no dropout, no gradient bookkeeping.
+(AdapterState.version). In training (gradients enabled) the stacks are built at every call
+instead, so that they carry gradients to each adapter's own tensors and see this step's values;
+a site with dropout in training leaves its rows to the host's grouping, which applies it.
 """
 
 from __future__ import annotations
@@ -48,13 +50,18 @@ def plan(what: str, sites: list, every: list, device, build):
     the slots per arrangement of rows, so a decoding step does no per-adapter work."""
     state = every[0].root.state
     key = (id(state), state.version, what, tuple(map(id, every)))
-    stacks = _cached(key, lambda: build(every))
+    stacks = build(every) if torch.is_grad_enabled() else _cached(key, lambda: build(every))
     rows = tuple(0 if s is None else id(s) for s in sites)
 
     def slots():
         where = {id(s): i for i, s in enumerate(every)}
         return torch.tensor([where[r] if r else len(every) for r in rows], device=device)
     return stacks, _cached((key, rows), slots)
+
+
+def _drops(every: list) -> bool:
+    """Whether a site applies dropout now (training with dropout > 0)."""
+    return any(s.training and isinstance(getattr(s, "dropout", None), torch.nn.Dropout) for s in every)
 
 
 def _same(tensors: list[torch.Tensor]) -> bool:
@@ -92,7 +99,7 @@ def _lowrank_stacks(every: list) -> dict:
 def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tensor | None:
     """Every row of x (N, T, in) through its own low-rank site (None: the base); `every`: all
     the low-rank sites at this module, the stacks' order."""
-    if using_reference():
+    if using_reference() or _drops(every):
         return None
     st, slot = plan("lowrank", sites, every, x.device, _lowrank_stacks)
     if not GATHER_MATRICES and (st["A"] is not None or st["B"] is not None):
