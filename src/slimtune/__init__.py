@@ -26,6 +26,7 @@ from .models import DEFAULT_MODEL, build_on_meta, load_model, load_tokenizer
 from .models.gist import GistTokens, add_gist_token
 from .recipes.evaluate import run_eval
 from .recipes.gist import answer_with_gists, compress_gist, gist_inputs
+from .recipes.jobs import run_jobs
 from .recipes.train import run_training
 from .train.config import TrainConfig
 from .version import __version__
@@ -37,6 +38,6 @@ __all__ = [
     "__version__", "active_adapter", "adapter_rows", "add_adapter", "adapter_names", "build_on_meta", "config_from_dict",
     "count_parameters", "delete_adapter", "disable_adapters", "export_peft_lora", "get_config", "load_adapter",
     "load_model", "load_tokenizer", "merge_adapters", "merge_and_unload", "merged_state_dict", "param_groups",
-    "preset", "register_method", "register_preset", "run_eval", "run_training", "save_adapter",
+    "preset", "register_method", "register_preset", "run_eval", "run_jobs", "run_training", "save_adapter",
     "router_stats", "set_active_adapter", "set_trainable", "trainable_parameters", "unmerge_adapters", "upcycle",
 ]
