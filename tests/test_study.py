@@ -43,8 +43,13 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
         assert r["multiplier"] == min(mine, key=lambda s: s["val_loss"])["multiplier"]
         assert set(r["scores"]) >= {"val_loss", "alpaca_rouge_l", "gsm8k_exact_match", "demo_exact_match"}
         assert r["adapter_bytes"] > 0 and r["peak_memory_bytes"] > 0 and r["curve"]
+    # each method's two sweep runs trained together, as jobs over one base, and the page says what it saved
+    assert sorted(r["name"] for r in records if r["kind"] == "sweep_time") == ["ia3", "lora-r8"]
+    for r in sweeps:
+        assert json.loads((tmp_path / "study" / "runs" / r["key"] / "summary.json").read_text())["jobs_run"]
     page = (tmp_path / "docs" / "study.md").read_text()
     assert "| lora-r8 |" in page and "| ia3 |" in page and "lr ×3" in page
+    assert "The sweeps of 2 methods trained as jobs" in page
     assert (tmp_path / "docs" / "img" / "study_pareto.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "img" / "study_val_loss.png").stat().st_size > 1000
     # hand-written notes outside the generated block survive; a second invocation runs nothing
@@ -54,6 +59,7 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
         raise AssertionError("a finished study trained or evaluated again")
 
     monkeypatch.setattr(study, "run_job", refuse)
+    monkeypatch.setattr(study, "run_sweep_jobs", refuse)
     monkeypatch.setattr(study, "evaluate_adapter", refuse)
     assert main(["study", str(config)]) == 0
     again = (tmp_path / "docs" / "study.md").read_text()
@@ -69,6 +75,15 @@ def test_a_run_in_its_own_process_records_its_peak_memory(tiny_dir, tmp_path):
     assert "error" not in summary, summary
     assert summary["steps"] == 2 and summary["peak_memory_bytes"] > 50 * 2**20
     assert (tmp_path / "study" / "runs" / job.key / "adapter").is_dir()
+
+
+def test_a_sweep_as_jobs_in_a_process_of_its_own(tiny_dir, tmp_path):
+    cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False).read_text()))
+    files = study.write_data(cfg, tmp_path / "study" / "data")
+    jobs = [study.Job(cfg.grid[0], "sweep", m, 0) for m in (1.0, 3.0)]
+    out = study.run_sweep_jobs(cfg, jobs, files, tmp_path / "study")
+    assert all("error" not in s and s["jobs_run"] for s in out.values()), out
+    assert (tmp_path / "study" / "runs" / cfg.grid[0].name / "sweep_jobs.yaml").is_file()
 
 
 def test_a_bad_grid_is_refused_with_every_problem(tmp_path, tiny_dir, capsys):

@@ -14,7 +14,9 @@ interrupted one resumes from its checkpoint, results are appended as they land):
    Alpaca+ seen/unseen/human (ROUGE-L), held-out GSM8K items never trained on (exact match of
    the final number), the demo's held-out rows (exact match);
 2. sweep: each method at its learning rates times each of `lr_multipliers`, for
-   `sweep_fraction` of the budget; the winner has the lowest validation loss;
+   `sweep_fraction` of the budget; the winner has the lowest validation loss. A method's sweep
+   runs train together, one batch per step over one base (`slimtune train --jobs`,
+   `sweep_jobs`); the page reports the time that saved;
 3. final: each method at its winner for the whole budget (the `noise_seeds` cheapest methods
    with `seeds` seeds), then evaluated;
 4. the page: docs/study.md (table, Pareto plot, validation curves, the papers' claims).
@@ -49,8 +51,10 @@ from ..errors import Problems
 from ..eval.config import EvalConfig
 from ..formats.adapter import load_adapter
 from ..models.load import build_on_meta, load_model, load_tokenizer, resolve_device
+from ..errors import SlimtuneError
 from ..train.config import train_config
 from .evaluate import run_eval
+from .jobs import run_jobs
 from .study_report import write_page
 from .train import run_training
 
@@ -104,6 +108,8 @@ class StudyConfig:
     judge_model: str = field("judge", "model name sent to the judge")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
     nproc: int = field(1, "processes per training run (torchrun, data parallel); 1 = a plain process")
+    sweep_jobs: bool = field(True, "train a method's sweep runs together over one base, one batch per step "
+                             "(`slimtune train --jobs`); false: one run after another")
     in_process: bool = field(False, "train in this process instead of one process per run (no peak memory per "
                              "run; for tests)")
     out: str = field("runs/study", "where runs, data and results.jsonl go")
@@ -267,6 +273,43 @@ def run_job(cfg: StudyConfig, job: Job, files: dict[str, Path], root: Path) -> d
     return json.loads((out / "summary.json").read_text())
 
 
+def run_sweep_jobs(cfg: StudyConfig, jobs: list[Job], files: dict[str, Path], root: Path) -> dict[str, dict]:
+    """Train a method's sweep runs together (train/jobs.py) in one process; each job's summary,
+    or {'error': ...}. Finished runs are skipped, interrupted ones resume."""
+    settings = []
+    for job in jobs:
+        out = root / "runs" / job.key
+        s = train_settings(cfg, job, files, out)
+        s["resume"] = True  # per job: skipped if finished, resumed if it has checkpoints, else started
+        settings.append(s)
+    names = [f"x{job.multiplier:.3g}" for job in jobs]
+    error = None
+    if cfg.in_process:
+        try:
+            run_jobs([train_config(s) for s in settings], names, progress=False)
+        except (SlimtuneError, RuntimeError) as e:  # a diverged job; the others finished
+            error = f"{type(e).__name__}: {e}"
+    else:
+        where = root / "runs" / jobs[0].entry.name
+        where.mkdir(parents=True, exist_ok=True)
+        file = where / "sweep_jobs.yaml"
+        file.write_text(yaml.safe_dump({"jobs": [{"name": n, **{k: v for k, v in s.items() if k != "resume"}}
+                                                 for n, s in zip(names, settings)]}, sort_keys=False))
+        command = [sys.executable, "-m", "slimtune.cli", "train", "--jobs", str(file), "--resume", "true",
+                   "--progress", "false"]
+        with (where / "sweep_jobs.log").open("a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            tail = (where / "sweep_jobs.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            error = f"exit code {done.returncode}: {tail[0][:300]}"
+    out = {}
+    for job in jobs:
+        summary = root / "runs" / job.key / "summary.json"
+        out[job.key] = json.loads(summary.read_text()) if summary.is_file() else {"error": error or "no summary"}
+    return out
+
+
 def val_curve(root: Path, job: Job) -> list[tuple[int, float]]:
     metrics = root / "runs" / job.key / "metrics.jsonl"
     if not metrics.is_file():
@@ -358,11 +401,19 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
                              "scores": scores, "eval_seconds": time.perf_counter() - t0})
             continue
         sweep = []
+        todo = [Job(entry, "sweep", m, 0) for m in cfg.lr_multipliers
+                if results.find("sweep", Job(entry, "sweep", m, 0).key) is None]
+        together = {}
+        if cfg.sweep_jobs and len(todo) > 1 and cfg.nproc == 1:
+            t0 = time.perf_counter()
+            together = run_sweep_jobs(cfg, todo, files, root)
+            results.add({"kind": "sweep_time", "key": entry.name, "name": entry.name, "jobs": len(todo),
+                         "seconds": time.perf_counter() - t0})
         for m in cfg.lr_multipliers:
             job = Job(entry, "sweep", m, 0)
             record = results.find("sweep", job.key)
             if record is None:
-                s = run_job(cfg, job, files, root)
+                s = together[job.key] if job.key in together else run_job(cfg, job, files, root)
                 record = results.add({"kind": "sweep", "key": job.key, "name": entry.name, "multiplier": m,
                                       **lrs(entry, m), "val_loss": _finite(s.get("after", {}).get("loss")),
                                       "error": s.get("error")})

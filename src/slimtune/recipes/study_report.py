@@ -195,6 +195,25 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
 
 
+def sweep_saving(cfg, records: list[dict]) -> str:
+    """A sentence on the sweeps trained as jobs: their wall time against one run after another,
+    estimated from each method's final runs (seconds per step × the sweep's steps)."""
+    timed = [r for r in records if r["kind"] == "sweep_time"]
+    per_step: dict[str, list[float]] = {}
+    for r in records:
+        if r["kind"] == "final" and r.get("seconds_per_step"):
+            per_step.setdefault(r["name"], []).append(r["seconds_per_step"])
+    timed = [r for r in timed if r["name"] in per_step]
+    if not timed:
+        return ""
+    steps = max(1, round(cfg.scaled(cfg.steps) * cfg.sweep_fraction))
+    together = sum(r["seconds"] for r in timed)
+    apart = sum(r["jobs"] * steps * sum(per_step[r["name"]]) / len(per_step[r["name"]]) for r in timed)
+    return (f"The sweeps of {len(timed)} methods trained as jobs, one batch per step over one base "
+            f"(`slimtune train --jobs`): {together / 60:.0f} min, against about {apart / 60:.0f} min one run after "
+            "another (each method's final step time × the sweep's steps; their evaluations included in the first).")
+
+
 def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
     page = Path(cfg.page)
     order = [g.name for g in cfg.grid]
@@ -210,7 +229,7 @@ def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
             f"mix {', '.join(cfg.mix)}; {cfg.scaled(cfg.eval_rows)} rows per evaluation set. Machine: {machine()}. "
             f"Written {datetime.date.today().isoformat()}; final runs' training and evaluation took "
             f"{seconds / 60:.0f} min. Reproduce: `slimtune study --out {cfg.out}` (resumes; a finished study "
-            "only writes this page again).", "",
+            "only writes this page again). " + sweep_saving(cfg, records), "",
             f"Mean ± standard deviation over {cfg.seeds} seeds for {', '.join(noisy) or 'no method'}; one seed for the "
             "rest. Relative columns are against " + REFERENCE + ".", "",
             table(summary, order), "",
