@@ -89,6 +89,21 @@ def test_a_decoding_step_with_fewer_adapters_than_rows(method, path):
         torch.testing.assert_close(mixed[i:i + 1], alone(model, ids[i:i + 1], n), atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["lora", "vera", "ia3"])
+def test_decoding_steps_over_kept_and_changed_rows(method, path):
+    """Steps over the same rows reuse what they gathered; new rows (more adapters than rows
+    too) gather afresh: every row still equals its adapter alone."""
+    model = with_adapters(tiny("llama"), [method] * 6).eval()
+    g = torch.Generator().manual_seed(4)
+    for names in (["a0", "a5", "a3", None], ["a0", "a5", "a3", None], ["a4", "a1", None, "a2", "a2"], ["a3"]):
+        ids = torch.randint(0, 64, (len(names), 1), generator=g)
+        with slimtune.adapter_rows(model, names):
+            mixed = model(input_ids=ids).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(mixed[i:i + 1], alone(model, ids[i:i + 1], n), atol=1e-5, rtol=0)
+
+
 def test_rows_refuse_unknown_adapters():
     model = with_adapters(tiny("llama"), ["lora"])
     with pytest.raises(slimtune.SlimtuneError, match="no such adapter"):

@@ -18,6 +18,7 @@ instruction (eval/gist_cache.py).
 
 from __future__ import annotations
 
+import inspect
 import queue
 import sys
 import threading
@@ -114,6 +115,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.device = next(model.parameters()).device
         self.kw = _cache_kw(model)
+        # prefill needs the last position's logits only: the LM head over the whole prompt is
+        # most of the vocabulary-sized work (transformers' `logits_to_keep`)
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+            else {}
         self.recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for tokens/s
         self.error: BaseException | None = None
         self.ops: queue.Queue = queue.Queue()  # changes to the model, run between two steps
@@ -317,7 +322,7 @@ class Engine:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with adapter_rows(self.model, [r.adapter for r in reqs]):
             out = self.model(input_ids=ids[:, P:], attention_mask=mask, position_ids=pos[:, P:], use_cache=True,
-                             **{self.kw: cache})
+                             **{self.kw: cache}, **self.last_only)
         return Rows(list(reqs), cache, mask, pos[:, -1] + 1, out.logits[:, -1].float())
 
     def _merge(self, new: Rows) -> None:

@@ -30,6 +30,7 @@ from . import using_reference
 
 _CACHE: OrderedDict = OrderedDict()  # keys below -> stacked tensors, or a batch's slots
 _CACHE_SIZE = 4096
+_GATHERED: OrderedDict = OrderedDict()  # per module: (the latest arrangement of rows, what it gathered)
 GATHER_MATRICES = True  # per-adapter A, B: gather (True) or leave the rows to the host's grouping (False)
 
 
@@ -45,18 +46,34 @@ def _cached(key, build):
 
 
 def plan(what: str, sites: list, every: list, device, build):
-    """(stacks over every adapter of this kind at the module, each row's slot among them; base
-    rows get the extra slot S). Both are cached: the stacks per set of adapters and version,
-    the slots per arrangement of rows, so a decoding step does no per-adapter work."""
+    """(stacks over every adapter of this kind at the module, each row's slot among them (base
+    rows get the extra slot S), a memo for what this arrangement of rows gathers from the
+    stacks). All three are cached in inference: the stacks per set of adapters and version,
+    the slots per arrangement of rows, the memo for the module's latest arrangement, so a
+    decoding step over unchanged rows does no per-adapter work and gathers nothing again."""
     state = every[0].root.state
     key = (id(state), state.version, what, tuple(map(id, every)))
-    stacks = build(every) if torch.is_grad_enabled() else _cached(key, lambda: build(every))
     rows = tuple(0 if s is None else id(s) for s in sites)
 
     def slots():
         where = {id(s): i for i, s in enumerate(every)}
         return torch.tensor([where[r] if r else len(every) for r in rows], device=device)
-    return stacks, _cached((key, rows), slots)
+    if torch.is_grad_enabled():  # training: fresh stacks that carry gradients and see this step's values
+        return build(every), slots(), {}
+    stacks, slot = _cached(key, lambda: build(every)), _cached((key, rows), slots)
+    memo = _GATHERED.get(key)
+    if memo is None or memo[0] != rows:
+        memo = _GATHERED[key] = (rows, {})
+        if len(_GATHERED) > _CACHE_SIZE:
+            _GATHERED.popitem(last=False)
+    return stacks, slot, memo[1]
+
+
+def _gathered(memo: dict, name: str, make):
+    hit = memo.get(name)
+    if hit is None:
+        hit = memo[name] = make()
+    return hit
 
 
 def _drops(every: list) -> bool:
@@ -82,6 +99,7 @@ def _lowrank_stacks(every: list) -> dict:
                            + [torch.ones(n, dtype=dtype, device=device)])
     out_f = every[0].out_features
     scale = torch.tensor([u.scale for u in every] + [0.0], dtype=dtype, device=device)  # base rows: 0
+    has_d, has_b = any(p[2] is not None for p in parts), any(p[3] is not None for p in parts)
     return {
         "A0": A0 if shared_A else None, "B0": B0 if shared_B else None,
         "A": None if shared_A else torch.stack([F.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in parts]
@@ -90,8 +108,9 @@ def _lowrank_stacks(every: list) -> dict:
                                                + [B0.new_zeros(B0.shape[0], r)]),  # (S+1, out, r)
         "Bflat": None if shared_B else torch.cat([F.pad(p[1], (0, r - p[1].shape[1])) for p in parts]
                                                  + [B0.new_zeros(B0.shape[0], r)], 1),  # (out, (S+1) r)
-        "d": vec(2, r),  # (S+1, r)
-        "bs": vec(3, out_f) * scale[:, None],  # (S+1, out): b_i s_i
+        "d": vec(2, r) if has_d else None,  # (S+1, r); None: no adapter has d
+        "bs": vec(3, out_f) * scale[:, None] if has_b else None,  # (S+1, out): b_i s_i; None: no adapter has b
+        "s": scale,  # (S+1,)
         "dtype": dtype,
     }
 
@@ -101,25 +120,28 @@ def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tenso
     the low-rank sites at this module, the stacks' order."""
     if using_reference() or _drops(every):
         return None
-    st, slot = plan("lowrank", sites, every, x.device, _lowrank_stacks)
+    st, slot, memo = plan("lowrank", sites, every, x.device, _lowrank_stacks)
     if not GATHER_MATRICES and (st["A"] is not None or st["B"] is not None):
         return None
     y = base(x)  # W0 x (+ bias)                                              (N, T, out)
     xa = x.to(st["dtype"])
     N, T = x.shape[:2]
-    # Per-adapter matrices: gathered per row (N copies), or, decoding one token with fewer
-    # adapters than rows, applied for every adapter at once and the row's block kept (each
-    # adapter's matrices read once).
+    # Per-adapter matrices, decoding one token with fewer adapters than rows: applied for every
+    # adapter at once and the row's block kept (each adapter's matrices read once). Otherwise
+    # gathered per row; a decoding step keeps what it gathered for the next step over the same
+    # rows (at most the size of the stacks: there are no more rows than adapters).
     every_at_once = T == 1 and len(every) + 1 < N
-    rows = torch.arange(N, device=x.device)
+    keep = memo if T == 1 else {}
+    rows = _gathered(memo, "rows", lambda: torch.arange(N, device=x.device))
     if st["A"] is None:
         h = F.linear(xa, st["A0"])  # A x, shared                               (N, T, r)
     elif every_at_once:
         S1, r = st["A"].shape[:2]
         h = F.linear(xa, st["A"].reshape(S1 * r, -1)).view(N, T, S1, r)[rows, :, slot]  # A_i x   (N, T, r)
     else:
-        h = torch.bmm(xa, st["A"][slot].transpose(1, 2))  # A_i x                (N, T, r)
-    h = h * st["d"][slot][:, None, :]  # d_i ⊙ A_i x
+        h = torch.bmm(xa, _gathered(keep, "At", lambda: st["A"][slot].transpose(1, 2)))  # A_i x    (N, T, r)
+    if st["d"] is not None:
+        h = h * _gathered(memo, "d", lambda: st["d"][slot][:, None, :])  # d_i ⊙ A_i x
     if st["B"] is None:
         h = F.linear(h, st["B0"])  # B (.), shared                                (N, T, out)
     elif every_at_once:
@@ -127,9 +149,17 @@ def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tenso
         blocks = h.new_zeros(N, T, S1, r)
         blocks[rows, :, slot] = h  # row i's h in adapter i's block                 (N, T, S+1, r)
         h = F.linear(blocks.view(N, T, S1 * r), st["Bflat"])  # Σ_s B_s (block s)           (N, T, out)
-    else:
-        h = torch.bmm(h, st["B"][slot].transpose(1, 2))  # B_i (.)               (N, T, out)
-    return y + (h * st["bs"][slot][:, None, :]).to(y.dtype)  # + s_i b_i ⊙ (.)
+    else:  # s_i b_i folded into the gathered B_i: y + (.) B_i^T in one batched product
+        def scaled_B():
+            sb = st["bs"][slot] if st["bs"] is not None else st["s"][slot][:, None]  # (N, out) or (N, 1)
+            return (st["B"][slot] * sb[:, :, None]).transpose(1, 2)  # (N, r, out)
+        Bt = _gathered(keep, "Bt", scaled_B)
+        if y.dtype == h.dtype:
+            return torch.baddbmm(y, h, Bt)  # W0 x + s_i b_i ⊙ B_i (.)
+        return y + torch.bmm(h, Bt).to(y.dtype)
+    if st["bs"] is not None:
+        return y + (h * _gathered(memo, "bs", lambda: st["bs"][slot][:, None, :])).to(y.dtype)  # + s_i b_i ⊙ (.)
+    return y + (h * _gathered(memo, "s", lambda: st["s"][slot][:, None, None])).to(y.dtype)  # + s_i (.)
 
 
 def _ia3_stacks(every: list):
@@ -143,10 +173,10 @@ def ia3_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tensor | 
     """Every row of x through its own (IA)³ site: l_i gathered."""
     if using_reference():
         return None
-    L, slot = plan("ia3", sites, every, x.device, _ia3_stacks)
+    L, slot, memo = plan("ia3", sites, every, x.device, _ia3_stacks)
     if L is None:
         return None
-    l = L[slot][:, None, :]  # (N, 1, n)
+    l = _gathered(memo, "l", lambda: L[slot][:, None, :])  # (N, 1, n)
     if every[0].where == "input":
         return base(x * l.to(x.dtype))
     y = base(x)
