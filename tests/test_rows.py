@@ -77,6 +77,32 @@ def test_vera_adapters_from_one_seed_share_their_pair_and_gather_only_vectors(mo
 
 
 @torch.no_grad()
+def test_low_rank_sites_of_other_ranks_and_shared_pairs_stack_apart(monkeypatch):
+    """LoRA of two ranks beside VeRA adapters sharing one pair: one stack per family (no LoRA
+    padded to VeRA's rank, no copy of the shared pair per adapter), and every row, prefill and
+    decoding steps, equals its adapter alone."""
+    model = clone(tiny("llama"))
+    g = torch.Generator().manual_seed(6)
+    for name, method, r in (("l4", "lora", 4), ("l8", "lora", 8), ("v0", "vera", 16), ("v1", "vera", 16)):
+        slimtune.add_adapter(model, slimtune.preset(method, r=r), name=name)
+        for t in slimtune.trainable_parameters(model, name).values():
+            t.data = 0.05 * torch.randn(t.shape, generator=g) + (t.data if t.dim() == 1 else 0)
+    model.eval()
+    stacked = []
+    real = fast_rows._lowrank_stacks
+    monkeypatch.setattr(fast_rows, "_lowrank_stacks", lambda every: stacked.append(every) or real(every))
+    names = ["v0", "l4", None, "l8", "v1", "l4", "v0", "l8", "l8"]
+    check_rows(model, names)
+    assert stacked and all(len({s.r for s in every}) == 1 for every in stacked)
+    for step in range(3):  # decoding: one token per row, the every-adapter-at-once form included
+        ids = torch.randint(0, 64, (len(names), 1), generator=torch.Generator().manual_seed(step))
+        with slimtune.adapter_rows(model, names):
+            mixed = model(input_ids=ids).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(mixed[i:i + 1], alone(model, ids[i:i + 1], n), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("method", ["lora", "tied-lora", "vera", "ia3"])
 def test_a_decoding_step_with_fewer_adapters_than_rows(method, path):
     """One token per row, 8 rows over 3 adapters and the base: the every-adapter-at-once form."""

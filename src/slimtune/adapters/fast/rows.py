@@ -10,7 +10,9 @@ each row's slot, so one batched computation serves every row:
   same seed) A x is computed once for the whole batch, and likewise B; only the vectors d_i,
   b_i and the scale s_i are gathered, so a batch over many VeRA adapters costs what a batch
   over one does. Per-adapter matrices (LoRA, Tied-LoRA) are gathered too, (N, r, in), and
-  applied with one batched product (`torch.bmm`); ranks that differ are zero-padded.
+  applied with one batched product (`torch.bmm`). Sites that stack without waste form a
+  family (a shared pair; or own matrices of one rank), and each family present in the batch
+  is one such computation, so a rank-8 LoRA is never padded to VeRA's rank 256.
 - (IA)³: l_i gathered, (N, 1, n), and applied as usual.
 
 Stacks are cached per set of adapters and rebuilt when adapters are added, removed or loaded
@@ -57,7 +59,7 @@ def plan(what: str, sites: list, every: list, device, build):
 
     def slots():
         where = {id(s): i for i, s in enumerate(every)}
-        return torch.tensor([where[r] if r else len(every) for r in rows], device=device)
+        return torch.tensor([where.get(r, len(every)) for r in rows], device=device)  # base: slot S
     if torch.is_grad_enabled():  # training: fresh stacks that carry gradients and see this step's values
         return build(every), slots(), {}
     stacks, slot = _cached(key, lambda: build(every)), _cached((key, rows), slots)
@@ -115,15 +117,42 @@ def _lowrank_stacks(every: list) -> dict:
     }
 
 
+def _families(every: list) -> list[list]:
+    """The low-rank sites at a module, split into families that stack without waste: sites that
+    read the same frozen A and B (VeRA adapters from one seed) form one family, and sites with
+    matrices of their own form one family per rank. Stacking a rank-8 LoRA beside rank-256 VeRA
+    would pad every LoRA to 256 and copy VeRA's shared pair once per adapter."""
+    parts = [s.parts() for s in every]
+    pair = [(p[0].data_ptr(), p[1].data_ptr(), tuple(p[0].shape), tuple(p[1].shape)) for p in parts]
+    fams: dict = {}
+    for s, k in zip(every, pair):
+        fams.setdefault(k if pair.count(k) > 1 else ("own", s.r), []).append(s)
+    return list(fams.values())
+
+
 def lowrank_rows(base, sites: list, x: torch.Tensor, every: list) -> torch.Tensor | None:
     """Every row of x (N, T, in) through its own low-rank site (None: the base); `every`: all
-    the low-rank sites at this module, the stacks' order."""
+    the low-rank sites at this module. One batched computation per family of sites present
+    (`_families`); a family's computation gives the other rows its base slot (zero update)."""
     if using_reference() or _drops(every):
         return None
-    st, slot, memo = plan("lowrank", sites, every, x.device, _lowrank_stacks)
-    if not GATHER_MATRICES and (st["A"] is not None or st["B"] is not None):
+    state = every[0].root.state
+    fams = _families(every) if torch.is_grad_enabled() else \
+        _cached((id(state), state.version, "families", tuple(map(id, every))), lambda: _families(every))
+    present = {id(s) for s in sites if s is not None}
+    fams = [f for f in fams if any(id(s) in present for s in f)]
+    planned = [plan("lowrank", sites, f, x.device, _lowrank_stacks) for f in fams]
+    if not GATHER_MATRICES and any(st["A"] is not None or st["B"] is not None for st, _, _ in planned):
         return None
     y = base(x)  # W0 x (+ bias)                                              (N, T, out)
+    for f, (st, slot, memo) in zip(fams, planned):
+        y = _lowrank_update(y, x, f, st, slot, memo)
+    return y
+
+
+def _lowrank_update(y: torch.Tensor, x: torch.Tensor, every: list, st: dict, slot: torch.Tensor,
+                    memo: dict) -> torch.Tensor:
+    """y + s_i b_i ⊙ (B_i (d_i ⊙ (A_i x))) for every row i, over one family's stacks."""
     xa = x.to(st["dtype"])
     N, T = x.shape[:2]
     # Per-adapter matrices, decoding one token with fewer adapters than rows: applied for every
