@@ -68,9 +68,11 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
 
 
 def test_a_run_in_its_own_process_records_its_peak_memory(tiny_dir, tmp_path):
-    cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False).read_text()))
+    cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False,
+                                                      precision="bf16").read_text()))
     files = study.write_data(cfg, tmp_path / "study" / "data")
     job = study.Job(cfg.grid[0], "final", 1.0, 0)
+    assert study.train_settings(cfg, job, files, tmp_path)["precision"] == "bf16"  # the study's precision, each run's
     summary = study.run_job(cfg, job, files, tmp_path / "study")
     assert "error" not in summary, summary
     assert summary["steps"] == 2 and summary["peak_memory_bytes"] > 50 * 2**20
@@ -89,7 +91,7 @@ def test_a_sweep_as_jobs_in_a_process_of_its_own(tiny_dir, tmp_path):
 def test_a_bad_grid_is_refused_with_every_problem(tmp_path, tiny_dir, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"grid": [{"name": "a", "method": "lorra"}, {"name": "a", "method": "lora",
-                                                                                   "lr": -1}], "scale": 0}))
+                                                                                   "lr": -1}], "scale": 0, "precision": "fp8"}))
     assert main(["study", str(config)]) == 2
     err = capsys.readouterr().err
-    assert "lorra" in err and "share a name" in err and "lr=-1" in err and "scale=0" in err
+    assert "lorra" in err and "share a name" in err and "lr=-1" in err and "scale=0" in err and "fp8" in err

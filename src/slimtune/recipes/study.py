@@ -107,6 +107,8 @@ class StudyConfig:
     judge_url: str | None = field(None, "an OpenAI-compatible judge: adds judge scores on the 80 Vicuna questions")
     judge_model: str = field("judge", "model name sent to the judge")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = field("auto", "each run's training precision: fp32 | bf16 (autocast; on a CPU, worth it "
+                           "where it has bf16 instructions) | auto (bf16 on a GPU that has it, else fp32)")
     nproc: int = field(1, "processes per training run (torchrun, data parallel); 1 = a plain process")
     sweep_jobs: bool = field(True, "train a method's sweep runs together over one base, one batch per step "
                              "(`slimtune train --jobs`); false: one run after another")
@@ -126,6 +128,8 @@ class StudyConfig:
             p.add(f"scale={self.scale}", "must be positive", "give e.g. 1 or 4")
         if not self.lr_multipliers or any(not m > 0 for m in self.lr_multipliers):
             p.add(f"lr_multipliers={self.lr_multipliers}", "positive factors are needed", "give e.g. [0.333, 1, 3]")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            p.add(f"precision={self.precision!r}", "not a training precision", "use fp32, bf16 or auto")
         unknown = sorted(set(self.mix) - set(SOURCES))
         if unknown:
             p.add(f"mix={self.mix}", f"unknown sources {unknown}", f"use {sorted(SOURCES)}")
@@ -242,7 +246,8 @@ def train_settings(cfg: StudyConfig, job: Job, files: dict[str, Path], out: Path
             "data": [str(files["train"])], "val_data": [str(files["val"])], "template": "alpaca",
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "warmup_steps": max(1, steps // 10),
             "eval_every": max(1, steps // 6), "save_every": max(1, steps // 3), "eval_generate": 0,
-            "progress": False, "seed": job.seed, "device": cfg.device, "out": str(out), **lrs(job.entry, job.multiplier)}
+            "progress": False, "seed": job.seed, "device": cfg.device, "precision": cfg.precision, "out": str(out),
+            **lrs(job.entry, job.multiplier)}
 
 
 def run_job(cfg: StudyConfig, job: Job, files: dict[str, Path], root: Path) -> dict:

@@ -226,7 +226,8 @@ def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
     body = [BEGIN, "",
             f"Model `{cfg.model}`; {cfg.scaled(cfg.steps)} steps of {cfg.batch_size} examples per final run "
             f"(sweeps: {cfg.sweep_fraction:g} of that, learning rates × {', '.join(f'{m:.3g}' for m in cfg.lr_multipliers)}); "
-            f"mix {', '.join(cfg.mix)}; {cfg.scaled(cfg.eval_rows)} rows per evaluation set. Machine: {machine()}. "
+            f"mix {', '.join(cfg.mix)}; {cfg.scaled(cfg.eval_rows)} rows per evaluation set; precision "
+            f"{cfg.precision}. Machine: {machine()}. "
             f"Written {datetime.date.today().isoformat()}; final runs' training and evaluation took "
             f"{seconds / 60:.0f} min. Reproduce: `slimtune study --out {cfg.out}` (resumes; a finished study "
             "only writes this page again). " + sweep_saving(cfg, records), "",
