@@ -33,7 +33,6 @@ from . import using_reference
 _CACHE: OrderedDict = OrderedDict()  # keys below -> stacked tensors, or a batch's slots
 _CACHE_SIZE = 4096
 _GATHERED: OrderedDict = OrderedDict()  # per module: (the latest arrangement of rows, what it gathered)
-EVERY_AT_ONCE = True  # decoding with fewer adapters than rows: each adapter's matrices applied once
 GATHER_MATRICES = True  # per-adapter A, B: gather (True) or leave the rows to the host's grouping (False)
 
 
@@ -160,7 +159,7 @@ def _lowrank_update(y: torch.Tensor, x: torch.Tensor, every: list, st: dict, slo
     # adapter at once and the row's block kept (each adapter's matrices read once). Otherwise
     # gathered per row; a decoding step keeps what it gathered for the next step over the same
     # rows (at most the size of the stacks: there are no more rows than adapters).
-    every_at_once = EVERY_AT_ONCE and T == 1 and len(every) + 1 < N
+    every_at_once = T == 1 and len(every) + 1 < N
     keep = memo if T == 1 else {}
     rows = _gathered(memo, "rows", lambda: torch.arange(N, device=x.device))
     if st["A"] is None:
