@@ -45,14 +45,14 @@ import yaml
 from ..adapters.helpers import count_parameters
 from ..adapters.inject import add_adapter
 from ..adapters.registry import is_method, preset_config
-from ..configs import at_least, field, from_dict
+from ..configs import at_least, choice, field, from_dict
 from ..data.demo import demo_split
 from ..errors import Problems
 from ..eval.config import EvalConfig
 from ..formats.adapter import load_adapter
 from ..models.load import build_on_meta, load_model, load_tokenizer, resolve_device
 from ..errors import SlimtuneError
-from ..train.config import train_config
+from ..train.config import PRECISIONS, train_config
 from .evaluate import run_eval
 from .jobs import run_jobs
 from .study_report import write_page
@@ -128,8 +128,7 @@ class StudyConfig:
             p.add(f"scale={self.scale}", "must be positive", "give e.g. 1 or 4")
         if not self.lr_multipliers or any(not m > 0 for m in self.lr_multipliers):
             p.add(f"lr_multipliers={self.lr_multipliers}", "positive factors are needed", "give e.g. [0.333, 1, 3]")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            p.add(f"precision={self.precision!r}", "not a training precision", "use fp32, bf16 or auto")
+        choice(p, "precision", self.precision, PRECISIONS)
         unknown = sorted(set(self.mix) - set(SOURCES))
         if unknown:
             p.add(f"mix={self.mix}", f"unknown sources {unknown}", f"use {sorted(SOURCES)}")

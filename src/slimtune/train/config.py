@@ -13,6 +13,8 @@ from ..data.templates import TEMPLATES
 from ..models.gist import check_gist
 from ..errors import Problems, SlimtuneError
 
+PRECISIONS = ("fp32", "bf16", "auto")  # a training run's precision
+
 # What may change when a run resumes: how it reports and how long it runs, not what it computes.
 RESUMABLE = ("steps", "epochs", "out", "resume", "allow_config_change", "save_every", "keep_checkpoints",
              "eval_every", "log_every", "eval_generate", "max_new_tokens", "progress", "device", "keep_freed_memory",
@@ -90,7 +92,7 @@ class TrainConfig:
             self.adapter = preset_config(self.method, self.adapter)
 
     def problems(self, p: Problems) -> None:
-        for name, allowed in (("schedule", ("constant", "cosine")), ("precision", ("fp32", "bf16", "auto")),
+        for name, allowed in (("schedule", ("constant", "cosine")), ("precision", PRECISIONS),
                               ("template", TEMPLATES), ("truncation", ("prompt", "error")),
                               ("on_bad_rows", ("error", "skip")), ("quantize", ("none", "nf4", "int8")),
                               ("parallel", ("ddp", "fsdp"))):
