@@ -439,7 +439,7 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
                 adapter = root / "runs" / job.key / "adapter"
                 t0 = time.perf_counter()
                 record.update(steps=s["steps"], train_seconds=s["train_seconds"],
-                              seconds_per_step=s["train_seconds"] / max(1, s["steps"]),
+                              seconds_per_step=s["train_seconds"] / max(1, s.get("steps_this_process", s["steps"])),
                               peak_memory_bytes=s.get("peak_memory_bytes"),
                               adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
                               curve=val_curve(root, job),

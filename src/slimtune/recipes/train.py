@@ -287,7 +287,8 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
                           f"continue with --resume") from None
     bar.close()
     checkpoint(step)
-    summary = {"steps": step, "train_seconds": time.perf_counter() - t0, "trainable": count.trainable,
+    summary = {"steps": step, "steps_this_process": step - start, "train_seconds": time.perf_counter() - t0,
+               "trainable": count.trainable,
                "base": count.base, "peak_memory_bytes": peak_memory(run.device), "losses": losses, "truncation": dict(run.train.report),
                "skipped_rows": [str(p) for p in run.skipped]}
     after = evaluate_run(run, n_gen) if run.evaluates else {}
