@@ -95,6 +95,42 @@ def bootstrap(per_row: dict[str, list[float]], draws: int = 2000, seed: int = 0)
     return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
 
 
+def val_curves(out: Path, conditions: list[str]) -> dict[str, dict[int, float]]:
+    """Each condition's validation-loss curve (loss on the training mix's validation slice)."""
+    curves = {}
+    for c in conditions:
+        file = out / c / "metrics.jsonl"
+        if file.is_file():
+            records = [json.loads(line) for line in file.read_text().splitlines()]
+            curves[c] = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return curves
+
+
+def plot_curves(curves: dict[str, dict[int, float]], path: Path) -> dict[int, float]:
+    """Validation loss per condition against steps, and the share of the controls' gap that gist
+    recovers at each step, (neg - gist) / (neg - pos) in loss; that share per step is returned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if len(curves) == 3 else []
+    share = {s: (curves["neg_control"][s] - curves["gist"][s]) / (curves["neg_control"][s] - curves["pos_control"][s])
+             for s in steps if s > 0 and curves["neg_control"][s] != curves["pos_control"][s]}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, curve in curves.items():
+        a.plot(list(curve), list(curve.values()), marker="o", label=name)
+    a.set(xlabel="step", ylabel="validation loss (training mix)", title="validation loss")
+    a.legend()
+    b.plot(list(share), list(share.values()), marker="o", color="k")
+    b.axhline(1, ls=":", color="grey")
+    b.set(xlabel="step", ylabel="(neg - gist) / (neg - pos)", title="recovered share, by validation loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return share
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/gist_alpaca")
@@ -117,6 +153,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", help="training: fp32 | bf16 | auto (bf16 on a GPU)")
     ap.add_argument("--conditions", nargs="+", default=["gist", "pos_control", "neg_control"])
+    ap.add_argument("--curves", default="docs/img/gist_alpaca_curves.png", help="where the validation curves go")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +207,9 @@ def main() -> None:
         results["recovered_by_loss"] = {s: (sc["neg_control"][s]["loss"] - sc["gist"][s]["loss"]) /
                                            max(1e-9, sc["neg_control"][s]["loss"] - sc["pos_control"][s]["loss"])
                                         for s in SPLITS}
+    curves = val_curves(out, args.conditions)
+    results["val_curves"] = curves
+    results["recovered_by_val_loss"] = plot_curves(curves, Path(args.curves))
     if "gist" in sc:  # the compression factor on the human split, from real caches
         model, tok = slimtune.load_model(args.model).eval(), slimtune.load_tokenizer(args.model)
         slimtune.load_adapter(model, out / "gist" / "adapter", tokenizer=tok)
