@@ -51,6 +51,14 @@ def test_target_matching_nothing_lists_names():
     assert "'qkv'" in str(e.value) and "q_proj" in str(e.value) and "'q_proj'" not in str(e.value).split(":")[0]
 
 
+@pytest.mark.parametrize("name", ["lr0.5", "", "a/b", 3])
+def test_an_adapter_name_torch_cannot_key_is_refused_by_name(name):
+    model = tiny("llama")
+    with pytest.raises(SlimtuneError, match="adapter name") as e:
+        slimtune.add_adapter(model, tiny_preset("lora"), name=name)
+    assert repr(str(name)) in str(e.value) and not any(p.requires_grad is False for p in model.parameters())
+
+
 def test_second_adapter_refused():
     model = slimtune.add_adapter(tiny("llama"), tiny_preset("lora"))
     with pytest.raises(SlimtuneError, match="already carries an adapter"):

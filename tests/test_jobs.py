@@ -168,6 +168,8 @@ def test_cli_trains_a_jobs_file(tiny_dir, tmp_path, capsys):
     ({"jobs": [{"method": "lora"}, {"method": "lora", "lrr": 1}]}, "jobs[1] (job1): key 'lrr'"),
     ({"jobs": [{"method": "lora"}, {"method": "lora", "model": "other"}]}, "jobs[1].model='other'"),
     ({"jobs": [{"name": "a"}, {"name": "a"}]}, "jobs[1].name='a'"),
+    ({"jobs": [{"name": "lr0.5"}]}, "jobs[0].name='lr0.5'"),  # an adapter name keys torch modules: no '.'
+
     ({"jobs": [{"out": "same"}, {"out": "same"}]}, "jobs[1].out='same'"),
     ({"jobs": [{"gist": 1}]}, "jobs[0].gist=1"),
     ({"jobs": []}, "no non-empty list under `jobs:`"),

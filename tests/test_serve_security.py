@@ -193,7 +193,7 @@ def test_adapter_names_are_checked_and_metric_labels_escaped(server, dirs):
     evil = 'q"} 1\nslimtune_injected 42\n#'
     status, reply, _ = call(server, "POST", "/v1/adapters", {"name": evil, "path": str(dirs / "allowed" / "good")})
     assert status == 400 and reply["error"]["param"] == "name"
-    for name in ["a:b", "", "-x", "x" * 65, "a/b", "base", Path(server.service.base_name).name]:
+    for name in ["a:b", "", "-x", "x" * 65, "a/b", "v1.2", "base", Path(server.service.base_name).name]:
         assert call(server, "POST", "/v1/adapters", {"name": name, "path": str(dirs / "allowed" / "good")})[0] == 400
     _, text, _ = call(server, "GET", "/metrics")
     assert "slimtune_injected" not in text

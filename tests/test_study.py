@@ -82,7 +82,7 @@ def test_a_run_in_its_own_process_records_its_peak_memory(tiny_dir, tmp_path):
 def test_a_sweep_as_jobs_in_a_process_of_its_own(tiny_dir, tmp_path):
     cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False).read_text()))
     files = study.write_data(cfg, tmp_path / "study" / "data")
-    jobs = [study.Job(cfg.grid[0], "sweep", m, 0) for m in (1.0, 3.0)]
+    jobs = [study.Job(cfg.grid[0], "sweep", m, 0) for m in (1 / 3, 3.0)]  # the default's 0.333: no '.' in a name
     out = study.run_sweep_jobs(cfg, jobs, files, tmp_path / "study")
     assert all("error" not in s and s["jobs_run"] for s in out.values()), out
     assert (tmp_path / "study" / "runs" / cfg.grid[0].name / "sweep_jobs.yaml").is_file()

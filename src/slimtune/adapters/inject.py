@@ -13,6 +13,7 @@ built every site, so a failure leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Iterator
 
 import torch
@@ -23,6 +24,9 @@ from .protocol import AdapterHost, AdapterRoot, AdapterSet, SiteAdapter
 from .registry import METHODS, AdapterConfig, validate
 
 DEFAULT_NAME = "default"
+# An adapter's name keys torch submodules, which cannot hold '.'; kept to plain, short names.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "names are 1-64 letters, digits, '_' or '-', starting with a letter or digit (no '.': torch module keys)"
 
 
 def adapter_set(model: nn.Module) -> AdapterSet | None:
@@ -118,6 +122,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = DEFAULT_NAM
               "build it with slimtune.preset(), or register the method first (adapters/registry.py)")
         p.raise_if_any()
     validate(config)
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        p.add(f"adapter name {str(name)[:80]!r}", NAME_RULE, "pass e.g. name='support' or name='lr_0-3'")
     aset = adapter_set(model)
     if aset is not None and name in aset.roots:
         p.add(f"adapter name {name!r}", "the model already carries an adapter of that name",

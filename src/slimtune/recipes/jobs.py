@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..adapters.helpers import count_parameters
-from ..adapters.inject import set_active_adapter
+from ..adapters.inject import ADAPTER_NAME, NAME_RULE, set_active_adapter
 from ..configs import merge_overrides, to_dict
 from ..errors import Problems, SlimtuneError
 from ..formats.adapter import save_adapter
@@ -37,8 +36,6 @@ from ..train.jobs import Job, JobsReport, jobs_step, setup_jobs
 from ..train.loop import Interrupted, NonFinite
 from .train import _finite, _log, _say, _trim_log, _val_record, check_out, config_changes, evaluate_run, peak_memory, \
     plot_losses
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def job_configs(shared: dict[str, Any], jobs_file: dict[str, Any]) -> tuple[list[TrainConfig], list[str]]:
@@ -63,9 +60,9 @@ def job_configs(shared: dict[str, Any], jobs_file: dict[str, Any]) -> tuple[list
             continue
         entry = dict(entry)
         name = str(entry.pop("name", f"job{i}"))
-        if not NAME.fullmatch(name) or name in names:
-            p.add(f"jobs[{i}].name={name!r}", "taken by another job" if name in names else "names are 1-64 letters, "
-                  "digits, '.', '_' or '-'", "give every job its own plain name")
+        if not ADAPTER_NAME.fullmatch(name) or name in names:
+            p.add(f"jobs[{i}].name={name[:80]!r}", "taken by another job" if name in names else NAME_RULE,
+                  "give every job its own plain name")
         names.append(name)
         job = merge_overrides(base, entry)
         job.setdefault("out", str(Path(base_out) / name))

@@ -286,7 +286,7 @@ def run_sweep_jobs(cfg: StudyConfig, jobs: list[Job], files: dict[str, Path], ro
         s = train_settings(cfg, job, files, out)
         s["resume"] = True  # per job: skipped if finished, resumed if it has checkpoints, else started
         settings.append(s)
-    names = [f"x{job.multiplier:.3g}" for job in jobs]
+    names = [f"x{job.multiplier:.3g}".replace(".", "_") for job in jobs]  # adapter names hold no '.'
     error = None
     if cfg.in_process:
         try:

@@ -25,24 +25,31 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-from ..adapters.inject import adapter_names, delete_adapter
+from ..adapters.inject import ADAPTER_NAME, NAME_RULE, adapter_names, delete_adapter
 from ..errors import Problem, Problems, SlimtuneError
 from ..eval.gist_cache import GistCache, load_cache
 from ..formats.adapter import load_adapter
 from ..recipes.gist import identity
 
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+GIST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a gist cache's name keys nothing in torch
 
 
 class Conflict(SlimtuneError):
     """The name is taken by another adapter directory (HTTP 409)."""
 
 
-def check_name(p: Problems, name: str, what: str = "adapter name") -> None:
-    if not NAME.fullmatch(name):
-        p.add(f"{what} {name[:80]!r}", "names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
-              "digit (':' separates a gist cache's name)", "use e.g. support=runs/support/adapter")
+def check_name(p: Problems, name: str) -> None:
+    """An adapter's name: it keys torch submodules, so no '.'."""
+    if not ADAPTER_NAME.fullmatch(name):
+        p.add(f"adapter name {name[:80]!r}", NAME_RULE + " (':' separates a gist cache's name)",
+              "use e.g. support=runs/support/adapter")
+
+
+def check_gist_name(p: Problems, name: str) -> None:
+    if not GIST_NAME.fullmatch(name):
+        p.add(f"gist name {name[:80]!r}", "names are 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+              "or digit", "use e.g. --gist support:french=fr.safetensors")
 
 
 class AdapterPool:
@@ -118,7 +125,7 @@ class AdapterPool:
             p.add(f"gist {key}={path!r}", f"adapter {adapter!r} is not known", f"pass --adapter {adapter}=DIR too")
             p.raise_if_any()
         p = Problems("cannot serve the gist cache")
-        check_name(p, key.split(":", 1)[-1], "gist name")
+        check_gist_name(p, key.split(":", 1)[-1])
         p.raise_if_any()
         cache = load_cache(Path(path), identity(self.model, adapter))
         self.gists[key] = (adapter, cache)
