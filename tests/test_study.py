@@ -67,6 +67,22 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
     assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == len(records)
 
 
+def test_failed_stages_are_recorded_said_and_run_again_only_when_asked(tiny_dir, tmp_path, monkeypatch, capsys):
+    config = grid_file(tmp_path, tiny_dir, grid=[{"name": "lora-r8", "method": "lora", "adapter": {"r": 2}}])
+    real = study.run_sweep_jobs
+    monkeypatch.setattr(study, "run_sweep_jobs", lambda cfg, jobs, *a: {j.key: {"error": "KeyError: boom"} for j in jobs})
+    assert main(["study", str(config)]) == 1
+    assert "2 stages failed" in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["sweep", "sweep"]  # no final, and a failed sweep's time is not kept
+    assert main(["study", str(config)]) == 1  # a failure is a result: not rerun unasked
+    monkeypatch.setattr(study, "run_sweep_jobs", real)
+    assert main(["study", str(config), "--retry_failed", "true"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in records) == ["final", "final", "sweep", "sweep", "sweep_time"]  # 2 seeds
+    assert not any(r.get("error") for r in records)
+
+
 def test_a_run_in_its_own_process_records_its_peak_memory(tiny_dir, tmp_path):
     cfg = study.study_config(yaml.safe_load(grid_file(tmp_path, tiny_dir, in_process=False,
                                                       precision="bf16").read_text()))

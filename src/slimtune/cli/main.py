@@ -38,7 +38,7 @@ from ..recipes.generate import print_answers, run_generate
 from ..recipes.gist import run_compress, run_gist_generate
 from ..serve.config import ServeConfig
 from ..serve.server import run_server
-from ..recipes.study import StudyConfig, run_study, study_config
+from ..recipes.study import StudyConfig, run_study, study_config, study_failures
 from ..recipes.jobs import job_configs, run_jobs
 from ..recipes.train import run_training
 from ..train.config import TrainConfig, train_config
@@ -206,8 +206,14 @@ def cmd_study(args) -> int:
     p = Problems("invalid study config")
     masked_values(StudyConfig, file, flags, p)
     p.raise_if_any()
-    page = run_study(study_config(merge_overrides(file, flags)))
+    cfg = study_config(merge_overrides(file, flags))
+    page = run_study(cfg)
     print(f"wrote {page}")
+    failed = study_failures(cfg)
+    if failed:
+        print(f"slimtune study: {len(failed)} stages failed, e.g. {failed[0]}; they are listed on the page. "
+              "Fix the cause, then `slimtune study --retry_failed true` runs them again", file=sys.stderr)
+        return 1
     return 0
 
 

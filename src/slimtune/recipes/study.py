@@ -112,6 +112,8 @@ class StudyConfig:
     nproc: int = field(1, "processes per training run (torchrun, data parallel); 1 = a plain process")
     sweep_jobs: bool = field(True, "train a method's sweep runs together over one base, one batch per step "
                              "(`slimtune train --jobs`); false: one run after another")
+    retry_failed: bool = field(False, "run again the stages recorded as failed (after fixing their cause); "
+                               "otherwise a failed stage is a result and is not rerun")
     in_process: bool = field(False, "train in this process instead of one process per run (no peak memory per "
                              "run; for tests)")
     out: str = field("runs/study", "where runs, data and results.jsonl go")
@@ -363,10 +365,13 @@ def trainable_parameters(cfg: StudyConfig, entry: GridEntry) -> int:
 class Results:
     """results.jsonl: one JSON object per finished stage, appended as it lands."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, retry_failed: bool = False):
         self.path = path
         self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] \
             if path.is_file() else []
+        if retry_failed and any(r.get("error") for r in self.records):  # forgotten, so that they run again
+            self.records = [r for r in self.records if not r.get("error")]
+            path.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in self.records))
 
     def find(self, kind: str, key: str) -> dict | None:
         return next((r for r in self.records if r["kind"] == kind and r["key"] == key), None)
@@ -393,7 +398,7 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     files = write_data(cfg, root / "data")
-    results = Results(root / "results.jsonl")
+    results = Results(root / "results.jsonl", cfg.retry_failed)
     params = {g.name: trainable_parameters(cfg, g) for g in cfg.grid}
     noisy = noise_methods(cfg, params)
     for entry in cfg.grid:
@@ -411,8 +416,9 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
         if cfg.sweep_jobs and len(todo) > 1 and cfg.nproc == 1:
             t0 = time.perf_counter()
             together = run_sweep_jobs(cfg, todo, files, root)
-            results.add({"kind": "sweep_time", "key": entry.name, "name": entry.name, "jobs": len(todo),
-                         "seconds": time.perf_counter() - t0})
+            if not any(s.get("error") for s in together.values()):  # a failed sweep's time says nothing
+                results.add({"kind": "sweep_time", "key": entry.name, "name": entry.name, "jobs": len(todo),
+                             "seconds": time.perf_counter() - t0})
         for m in cfg.lr_multipliers:
             job = Job(entry, "sweep", m, 0)
             record = results.find("sweep", job.key)
@@ -449,6 +455,11 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
             say(f"study: {job.key} " + ("failed: " + record["error"] if record["error"] else
                                         f"ROUGE-L {record['scores']['alpaca_rouge_l']:.3f}"))
     return write_page(cfg, results.records, params)
+
+
+def study_failures(cfg: StudyConfig) -> list[str]:
+    """The recorded stages that failed, as 'key: error'."""
+    return [f"{r['key']}: {r['error']}" for r in Results(Path(cfg.out) / "results.jsonl").records if r.get("error")]
 
 
 def study_config(data: dict) -> StudyConfig:
