@@ -89,6 +89,7 @@ def test_resume_equivalence_after_ctrl_c(tiny_dir, tmp_path, monkeypatch):
     resumed = run_training(cfg_for(tiny_dir, tmp_path / "cut", resume=True, **kw))
     assert sorted(resumed["losses"]) == [4, 5, 6, 7]
     assert (resumed["steps"], resumed["steps_this_process"], full["steps_this_process"]) == (7, 4, 7)  # time per step
+    assert 0 < resumed["step_seconds"] < resumed["train_seconds"]
     for k, v in resumed["losses"].items():
         assert v == full["losses"][k]
     a, b = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "cut")

@@ -246,7 +246,8 @@ def train_settings(cfg: StudyConfig, job: Job, files: dict[str, Path], out: Path
     return {"model": cfg.model, "method": job.entry.method, "adapter": dict(job.entry.adapter),
             "data": [str(files["train"])], "val_data": [str(files["val"])], "template": "alpaca",
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "warmup_steps": max(1, steps // 10),
-            "eval_every": max(1, steps // 6), "save_every": max(1, steps // 3), "eval_generate": 0,
+            "eval_every": max(1, steps // 6) if job.stage == "final" else 0,  # a sweep needs its last loss only
+            "save_every": max(1, steps // 3), "eval_generate": 0,
             "progress": False, "seed": job.seed, "device": cfg.device, "precision": cfg.precision, "out": str(out),
             **lrs(job.entry, job.multiplier)}
 
@@ -445,7 +446,7 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
                 adapter = root / "runs" / job.key / "adapter"
                 t0 = time.perf_counter()
                 record.update(steps=s["steps"], train_seconds=s["train_seconds"],
-                              seconds_per_step=s["train_seconds"] / max(1, s.get("steps_this_process", s["steps"])),
+                              seconds_per_step=s.get("step_seconds", s["train_seconds"]) / max(1, s.get("steps_this_process", s["steps"])),
                               peak_memory_bytes=s.get("peak_memory_bytes"),
                               adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
                               curve=val_curve(root, job),

@@ -256,12 +256,14 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
                              "schedule": {"kind": cfg.schedule, "warmup": cfg.warmup_steps}, "before": _finite(before),
                              "config": to_dict(cfg)}, cfg.keep_checkpoints, write=main)
 
-    step = start
+    step, step_seconds = start, 0.0  # step_seconds: in train_step only (no evaluation, no checkpoint)
     try:
         while step < run.total_steps:
             if aset is not None:  # routers count on the steps that are logged (a sample, at no cost between)
                 aset.state.count_routing = (step + 1) % cfg.log_every == 0 or step + 1 == run.total_steps
+            t_step = time.perf_counter()
             st = train_step(run, step)
+            step_seconds += time.perf_counter() - t_step
             step, tokens, loss = step + 1, tokens + st.tokens, st.loss
             losses[step] = loss
             rate = tokens / (time.perf_counter() - t0)
@@ -288,6 +290,7 @@ def run_training(cfg: TrainConfig, **setup_kwargs) -> dict:
     bar.close()
     checkpoint(step)
     summary = {"steps": step, "steps_this_process": step - start, "train_seconds": time.perf_counter() - t0,
+               "step_seconds": step_seconds,
                "trainable": count.trainable,
                "base": count.base, "peak_memory_bytes": peak_memory(run.device), "losses": losses, "truncation": dict(run.train.report),
                "skipped_rows": [str(p) for p in run.skipped]}
