@@ -50,6 +50,9 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
     page = (tmp_path / "docs" / "study.md").read_text()
     assert "| lora-r8 |" in page and "| ia3 |" in page and "lr ×3" in page
     assert "The sweeps of 2 methods trained as jobs" in page
+    # the page's command reproduces this study: the settings that differ from the defaults
+    assert f"`slimtune study --out {tmp_path / 'study'} --model {tiny_dir} " in page and " --steps 2 " in page
+    assert "--in_process" not in page and "grid and lists of" in page
     assert (tmp_path / "docs" / "img" / "study_pareto.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "img" / "study_val_loss.png").stat().st_size > 1000
     # hand-written notes outside the generated block survive; a second invocation runs nothing

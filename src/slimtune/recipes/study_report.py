@@ -10,6 +10,7 @@ difference counts as real when it exceeds twice the larger of the two spreads, o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -214,6 +215,22 @@ def sweep_saving(cfg, records: list[dict]) -> str:
             "another (each method's final step time × the sweep's steps; their evaluations included in the first).")
 
 
+def reproduce(cfg) -> str:
+    """The command that runs this study: its flags that differ from the defaults (and a pointer to
+    study.json where a list, such as the grid, differs)."""
+    default = type(cfg)()
+    flags, lists = [f"--out {cfg.out}"], False
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("out", "page", "in_process") or value == getattr(default, f.name):
+            continue
+        if isinstance(value, (list, dict)):
+            lists = True
+        else:
+            flags.append(f"--{f.name} {str(value).lower() if isinstance(value, bool) else value}")
+    return "slimtune study " + " ".join(flags) + (f"` with the grid and lists of `{cfg.out}/study.json" if lists else "")
+
+
 def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
     page = Path(cfg.page)
     order = [g.name for g in cfg.grid]
@@ -229,7 +246,7 @@ def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
             f"mix {', '.join(cfg.mix)}; {cfg.scaled(cfg.eval_rows)} rows per evaluation set; precision "
             f"{cfg.precision}. Machine: {machine()}. "
             f"Written {datetime.date.today().isoformat()}; final runs' training and evaluation took "
-            f"{seconds / 60:.0f} min. Reproduce: `slimtune study --out {cfg.out}` (resumes; a finished study "
+            f"{seconds / 60:.0f} min. Reproduce: `{reproduce(cfg)}` (resumes; a finished study "
             "only writes this page again). " + sweep_saving(cfg, records), "",
             f"Mean ± standard deviation over {cfg.seeds} seeds for {', '.join(noisy) or 'no method'}; one seed for the "
             "rest. Relative columns are against " + REFERENCE + ".", "",
