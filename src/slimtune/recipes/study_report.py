@@ -197,8 +197,8 @@ def machine() -> str:
 
 
 def sweep_saving(cfg, records: list[dict]) -> str:
-    """A sentence on the sweeps trained as jobs: their wall time against one run after another,
-    estimated from each method's final runs (seconds per step × the sweep's steps)."""
+    """A sentence on the sweeps trained as jobs: their wall time, and what their steps alone would
+    take one run after another (each method's final seconds per step × the sweep's steps)."""
     timed = [r for r in records if r["kind"] == "sweep_time"]
     per_step: dict[str, list[float]] = {}
     for r in records:
@@ -211,8 +211,10 @@ def sweep_saving(cfg, records: list[dict]) -> str:
     together = sum(r["seconds"] for r in timed)
     apart = sum(r["jobs"] * steps * sum(per_step[r["name"]]) / len(per_step[r["name"]]) for r in timed)
     return (f"The sweeps of {len(timed)} methods trained as jobs, one batch per step over one base "
-            f"(`slimtune train --jobs`): {together / 60:.0f} min, against about {apart / 60:.0f} min one run after "
-            "another (each method's final step time × the sweep's steps; their evaluations included in the first).")
+            f"(`slimtune train --jobs`): {together / 60:.0f} min in all, loading, each job's evaluations and "
+            f"checkpoints included; their training steps alone, one run after another, would take about "
+            f"{apart / 60:.0f} min (each method's final step time × the sweep's steps). What jobs save per step "
+            "is measured by bench/jobs.py.")
 
 
 def reproduce(cfg) -> str:
