@@ -32,7 +32,7 @@ def grid_file(tmp_path, tiny_dir, **extra):
 def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(tiny_dir, tmp_path, monkeypatch, capsys):
     config = grid_file(tmp_path, tiny_dir)
     assert main(["study", str(config)]) == 0
-    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "docs" / "study.jsonl").read_text().splitlines()]
     sweeps = [r for r in records if r["kind"] == "sweep"]
     finals = [r for r in records if r["kind"] == "final"]
     assert len(sweeps) == 4 and all(r["val_loss"] is not None for r in sweeps)
@@ -43,6 +43,8 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
         assert r["multiplier"] == min(mine, key=lambda s: s["val_loss"])["multiplier"]
         assert set(r["scores"]) >= {"val_loss", "alpaca_rouge_l", "gsm8k_exact_match", "demo_exact_match"}
         assert r["adapter_bytes"] > 0 and r["peak_memory_bytes"] > 0 and r["curve"]
+        # the held-out loss is the run's own final evaluation on the validation slice: its curve's end
+        assert r["curve"][-1] == [2, pytest.approx(r["scores"]["val_loss"])]
     # each method's two sweep runs trained together, as jobs over one base, and the page says what it saved
     assert sorted(r["name"] for r in records if r["kind"] == "sweep_time") == ["ia3", "lora-r8"]
     for r in sweeps:
@@ -67,7 +69,7 @@ def test_a_two_method_study_end_to_end_and_a_second_run_only_rewrites_the_page(t
     assert main(["study", str(config)]) == 0
     again = (tmp_path / "docs" / "study.md").read_text()
     assert "hand-written" in again and again.count(BEGIN) == 1 and again.replace("\n## Why\n\nhand-written\n", "") == page
-    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == len(records)
+    assert len((tmp_path / "docs" / "study.jsonl").read_text().splitlines()) == len(records)
 
 
 def test_failed_stages_are_recorded_said_and_run_again_only_when_asked(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -76,12 +78,12 @@ def test_failed_stages_are_recorded_said_and_run_again_only_when_asked(tiny_dir,
     monkeypatch.setattr(study, "run_sweep_jobs", lambda cfg, jobs, *a: {j.key: {"error": "KeyError: boom"} for j in jobs})
     assert main(["study", str(config)]) == 1
     assert "2 stages failed" in capsys.readouterr().err
-    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "docs" / "study.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["sweep", "sweep"]  # no final, and a failed sweep's time is not kept
     assert main(["study", str(config)]) == 1  # a failure is a result: not rerun unasked
     monkeypatch.setattr(study, "run_sweep_jobs", real)
     assert main(["study", str(config), "--retry_failed", "true"]) == 0
-    records = [json.loads(line) for line in (tmp_path / "study" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "docs" / "study.jsonl").read_text().splitlines()]
     assert sorted(r["kind"] for r in records) == ["final", "final", "sweep", "sweep", "sweep_time"]  # 2 seeds
     assert not any(r.get("error") for r in records)
 

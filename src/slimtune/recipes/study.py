@@ -56,7 +56,7 @@ from ..train.config import PRECISIONS, train_config
 from .evaluate import run_eval
 from .jobs import run_jobs
 from .study_report import write_page
-from .train import run_training
+from .train import evaluate_before, run_training
 
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"  # a checkout's ../shared/data
 
@@ -116,8 +116,14 @@ class StudyConfig:
                                "otherwise a failed stage is a result and is not rerun")
     in_process: bool = field(False, "train in this process instead of one process per run (no peak memory per "
                              "run; for tests)")
-    out: str = field("runs/study", "where runs, data and results.jsonl go")
+    out: str = field("runs/study", "where the runs, their checkpoints and the data go")
     page: str = field("docs/study.md", "the page written from the results (its images go beside it, in img/)")
+    results: str = field("", "the record of finished stages (JSONL), from which the page is written; empty: "
+                         "beside the page (docs/study.jsonl), to be committed with it")
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results) if self.results else Path(self.page).with_suffix(".jsonl")
 
     def problems(self, p: Problems) -> None:
         for name in ("steps", "batch_size", "max_len", "seeds", "eval_rows", "max_new_tokens", "nproc", "train_rows"):
@@ -246,7 +252,7 @@ def train_settings(cfg: StudyConfig, job: Job, files: dict[str, Path], out: Path
     return {"model": cfg.model, "method": job.entry.method, "adapter": dict(job.entry.adapter),
             "data": [str(files["train"])], "val_data": [str(files["val"])], "template": "alpaca",
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "warmup_steps": max(1, steps // 10),
-            "eval_every": max(1, steps // 6) if job.stage == "final" else 0,  # a sweep needs its last loss only
+            "eval_every": max(1, steps // 4) if job.stage == "final" else 0,  # a sweep needs its last loss only
             "save_every": max(1, steps // 3), "eval_generate": 0,
             "progress": False, "seed": job.seed, "device": cfg.device, "precision": cfg.precision, "out": str(out),
             **lrs(job.entry, job.multiplier)}
@@ -325,20 +331,30 @@ def val_curve(root: Path, job: Job) -> list[tuple[int, float]]:
     return [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
 
 
-def evaluate_adapter(cfg: StudyConfig, adapter: Path | None, files: dict[str, Path], out: Path) -> dict:
-    """The same evaluation for every run: loss on the validation slice, ROUGE-L on each Alpaca+
-    split, exact match on held-out GSM8K and on the demo's held-out rows (and judge scores)."""
+def base_val_loss(cfg: StudyConfig, files: dict[str, Path]) -> float:
+    """The untrained model's loss on the whole validation slice, as a training run computes it
+    at step 0 (recipes/train.py: the same rows, template, batch size and precision)."""
+    # a LoRA at its zero init (B = 0) gives the base's outputs exactly
+    settings = train_settings(cfg, Job(GridEntry("base", "lora"), "sweep", 1.0, 0), files, Path(cfg.out) / "runs" / "base")
+    return float(evaluate_before(train_config({**settings, "steps": 1}))["loss"])
+
+
+def evaluate_adapter(cfg: StudyConfig, adapter: Path | None, files: dict[str, Path], out: Path,
+                     val_loss: float | None) -> dict:
+    """The same evaluation for every run: loss on the validation slice (the run's own final
+    evaluation, the last point of its curve), ROUGE-L on each Alpaca+ split, exact match on
+    held-out GSM8K and on the demo's held-out rows (and judge scores)."""
     device = resolve_device(cfg.device)
     model, tok = load_model(cfg.model).to(device), load_tokenizer(cfg.model)
     if adapter is not None:
         load_adapter(model, adapter, tokenizer=tok)
-    scores: dict[str, float] = {}
-    sets = [("val", files["val"], ("loss",)), ("gsm8k", files["gsm8k"], ("exact_match",)),
-            ("demo", "demo", ("exact_match",))] + [(f"alpaca_{s}", files[f"alpaca_{s}"], ("rouge_l",))
-                                                   for s in ("seen", "unseen", "human")]
-    for name, data, keys in sets:
-        e = EvalConfig(model=cfg.model, data=[str(data)], template="alpaca", limit=cfg.scaled(cfg.eval_rows),
-                       max_new_tokens=cfg.max_new_tokens if name != "val" else 1, batch_size=16, device=cfg.device,
+    scores: dict[str, float] = {"val_loss": val_loss}
+    sets = [("gsm8k", files["gsm8k"], ("exact_match",)), ("demo", "demo", ("exact_match",))] + \
+        [(f"alpaca_{s}", files[f"alpaca_{s}"], ("rouge_l",)) for s in ("seen", "unseen", "human")]
+    rows = cfg.scaled(cfg.eval_rows)
+    for name, data, keys in sets:  # one batch per set (up to 64 rows)
+        e = EvalConfig(model=cfg.model, data=[str(data)], template="alpaca", limit=rows,
+                       max_new_tokens=cfg.max_new_tokens, batch_size=min(rows, 64), device=cfg.device,
                        out=str(out / f"eval_{name}.jsonl"), max_len=cfg.max_len)
         s = run_eval(e, model, tok)
         scores.update({f"{name}_{k}": s[k] for k in keys if k in s})
@@ -379,6 +395,7 @@ class Results:
 
     def add(self, record: dict) -> dict:
         self.records.append(record)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
         return record
@@ -399,14 +416,14 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     files = write_data(cfg, root / "data")
-    results = Results(root / "results.jsonl", cfg.retry_failed)
+    results = Results(cfg.results_path, cfg.retry_failed)
     params = {g.name: trainable_parameters(cfg, g) for g in cfg.grid}
     noisy = noise_methods(cfg, params)
     for entry in cfg.grid:
         if entry.method == "base":
             if not results.find("final", "base"):
                 t0 = time.perf_counter()
-                scores = evaluate_adapter(cfg, None, files, root / "runs" / "base")
+                scores = evaluate_adapter(cfg, None, files, root / "runs" / "base", base_val_loss(cfg, files))
                 results.add({"kind": "final", "key": "base", "name": "base", "seed": 0, "trainable": 0,
                              "scores": scores, "eval_seconds": time.perf_counter() - t0})
             continue
@@ -450,7 +467,8 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
                               peak_memory_bytes=s.get("peak_memory_bytes"),
                               adapter_bytes=sum(f.stat().st_size for f in adapter.iterdir() if f.is_file()),
                               curve=val_curve(root, job),
-                              scores=evaluate_adapter(cfg, adapter, files, root / "runs" / job.key))
+                              scores=evaluate_adapter(cfg, adapter, files, root / "runs" / job.key,
+                                                      _finite(s.get("after", {}).get("loss"))))
                 record["eval_seconds"] = time.perf_counter() - t0
             results.add(record)
             say(f"study: {job.key} " + ("failed: " + record["error"] if record["error"] else
@@ -460,7 +478,7 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
 
 def study_failures(cfg: StudyConfig) -> list[str]:
     """The recorded stages that failed, as 'key: error'."""
-    return [f"{r['key']}: {r['error']}" for r in Results(Path(cfg.out) / "results.jsonl").records if r.get("error")]
+    return [f"{r['key']}: {r['error']}" for r in Results(cfg.results_path).records if r.get("error")]
 
 
 def study_config(data: dict) -> StudyConfig:

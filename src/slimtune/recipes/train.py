@@ -91,6 +91,11 @@ def evaluate_run(run: Run, n_generate: int) -> dict:
     return out
 
 
+def evaluate_before(cfg: TrainConfig) -> dict:
+    """The evaluation a run of cfg makes at step 0, before any training."""
+    return evaluate_run(setup(cfg), 0)
+
+
 def plot_losses(metrics: Path, png: Path) -> None:
     import matplotlib
 
