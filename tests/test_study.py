@@ -79,12 +79,12 @@ def test_failed_stages_are_recorded_said_and_run_again_only_when_asked(tiny_dir,
     assert main(["study", str(config)]) == 1
     assert "2 stages failed" in capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "docs" / "study.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["sweep", "sweep"]  # no final, and a failed sweep's time is not kept
+    assert [r["kind"] for r in records] == ["config", "sweep", "sweep"]  # no final, and a failed sweep's time is not kept
     assert main(["study", str(config)]) == 1  # a failure is a result: not rerun unasked
     monkeypatch.setattr(study, "run_sweep_jobs", real)
     assert main(["study", str(config), "--retry_failed", "true"]) == 0
     records = [json.loads(line) for line in (tmp_path / "docs" / "study.jsonl").read_text().splitlines()]
-    assert sorted(r["kind"] for r in records) == ["final", "final", "sweep", "sweep", "sweep_time"]  # 2 seeds
+    assert sorted(r["kind"] for r in records) == ["config", "final", "final", "sweep", "sweep", "sweep_time"]  # 2 seeds
     assert not any(r.get("error") for r in records)
 
 
@@ -116,3 +116,27 @@ def test_a_bad_grid_is_refused_with_every_problem(tmp_path, tiny_dir, capsys):
     assert main(["study", str(config)]) == 2
     err = capsys.readouterr().err
     assert "lorra" in err and "share a name" in err and "lr=-1" in err and "scale=0" in err and "fp8" in err
+
+
+def test_a_record_or_runs_made_with_other_settings_are_not_resumed(tiny_dir, tmp_path, monkeypatch, capsys):
+    config = grid_file(tmp_path, tiny_dir)
+    cfg = study.study_config(yaml.safe_load(config.read_text()))
+    other = study.deciding_settings(study.study_config({**yaml.safe_load(config.read_text()), "steps": 3}))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a study with other settings ran")
+
+    for name in ("run_job", "run_sweep_jobs", "evaluate_adapter", "write_data"):
+        monkeypatch.setattr(study, name, refuse)
+    record = tmp_path / "docs" / "study.jsonl"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"kind": "config", "key": "settings", "settings": other}) + "\n")
+    assert main(["study", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"results='{record}'" in err and "steps 2 (made with 3)" in err and "Traceback" not in err
+    assert record.read_text().count("\n") == 1  # nothing added
+    record.unlink()  # a new record, over runs made with steps 3
+    (tmp_path / "study").mkdir(exist_ok=True)
+    (tmp_path / "study" / "settings.json").write_text(json.dumps(other))
+    assert main(["study", str(config)]) == 2
+    assert f"out='{cfg.out}'" in capsys.readouterr().err and not record.exists()

@@ -379,6 +379,43 @@ def trainable_parameters(cfg: StudyConfig, entry: GridEntry) -> int:
 
 # ---- the study --------------------------------------------------------------------------------------
 
+# The settings that decide a study's numbers: a record made with others is not resumed. How the
+# work is done (device, processes, jobs, paths) may change between invocations.
+DECIDING = ("model", "grid", "mix", "train_rows", "val_rows", "steps", "batch_size", "max_len", "sweep_fraction",
+            "lr_multipliers", "seeds", "noise_seeds", "eval_rows", "max_new_tokens", "scale", "precision")
+
+
+def deciding_settings(cfg: StudyConfig) -> dict:
+    return json.loads(json.dumps({k: dataclasses.asdict(cfg)[k] for k in DECIDING}))
+
+
+def check_settings(cfg: StudyConfig, results: "Results") -> None:
+    """The record and the runs' directory each hold the settings they were made with (the
+    record in a line of its own, `out` in settings.json); resuming either with others would
+    mix two studies in one table (or reuse runs and data made for another), so it is refused
+    with exit code 2 before anything runs."""
+    mine = deciding_settings(cfg)
+    record = results.find("config", "settings")
+    stored = Path(cfg.out) / "settings.json"
+    p = Problems("cannot resume the study")
+    for what, theirs, fix in (
+            (f"results={str(results.path)!r}", record and record["settings"],
+             "give the record's settings to resume it, or --page/--results elsewhere for a new study"),
+            (f"out={cfg.out!r}", stored.is_file() and json.loads(stored.read_text()),
+             "give its settings to resume it, or --out elsewhere for a new study")):
+        if theirs:
+            changed = [f"{k} {json.dumps(mine.get(k))} (made with {json.dumps(theirs.get(k))})"
+                       for k in DECIDING if mine.get(k) != theirs.get(k)]
+            if changed:
+                p.add(what, "it was made with other settings: " + "; ".join(changed), fix)
+    p.raise_if_any()
+    if record is None:
+        results.add({"kind": "config", "key": "settings", "settings": mine})
+    if not stored.is_file():
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_text(json.dumps(mine, indent=1))
+
+
 class Results:
     """results.jsonl: one JSON object per finished stage, appended as it lands."""
 
@@ -414,9 +451,10 @@ def run_study(cfg: StudyConfig, say=print) -> Path:
     """Run what is not yet done; write the page; return its path."""
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
+    results = Results(cfg.results_path, cfg.retry_failed)
+    check_settings(cfg, results)
     (root / "study.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     files = write_data(cfg, root / "data")
-    results = Results(cfg.results_path, cfg.retry_failed)
     params = {g.name: trainable_parameters(cfg, g) for g in cfg.grid}
     noisy = noise_methods(cfg, params)
     for entry in cfg.grid:
