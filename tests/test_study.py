@@ -140,3 +140,21 @@ def test_a_record_or_runs_made_with_other_settings_are_not_resumed(tiny_dir, tmp
     (tmp_path / "study" / "settings.json").write_text(json.dumps(other))
     assert main(["study", str(config)]) == 2
     assert f"out='{cfg.out}'" in capsys.readouterr().err and not record.exists()
+
+
+def test_a_claims_verdict_reads_both_measures_against_the_noise():
+    from slimtune.recipes.study_report import verdict
+
+    def row(rouge, loss, sd=None):
+        return {"alpaca_rouge_l": (rouge, sd), "val_loss": (loss, sd)}
+
+    level = {"a": row(0.270, 1.50, 0.01), "b": row(0.280, 1.49)}  # both within twice the spread
+    assert verdict(level, "a", "b", "level").startswith("confirmed")
+    assert verdict(level, "a", "b", "above").startswith("not at this scale")
+    split = {"a": row(0.270, 1.60, 0.01), "b": row(0.280, 1.49)}  # ROUGE-L level, loss 0.11 worse
+    assert verdict(split, "a", "b", "level").startswith("on ROUGE-L only")
+    assert "held-out loss: a below b" in verdict(split, "a", "b", "level")
+    above = {"a": row(0.330, 1.40), "b": row(0.280, 1.49)}  # no spread: one point of margin
+    assert verdict(above, "a", "b", "above").startswith("confirmed") and "ROUGE-L: a above b" in verdict(above, "a", "b", "above")
+    assert verdict(above, "b", "a", "above").startswith("not at this scale")
+    assert verdict({"a": row(0.330, 1.60), "b": row(0.280, 1.49)}, "a", "b", "above").startswith("on ROUGE-L only")
