@@ -279,3 +279,28 @@ def test_bf16_autocast_trains_close_to_fp32(tiny_dir, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)
     for ga, gb in zip(*grads):
         assert gb.dtype == torch.float32 and (gb - ga).norm() < 5e-2 * ga.norm() + 1e-6
+
+
+def test_sigterm_stops_a_background_run_with_a_checkpoint_that_resumes(tiny_dir, tmp_path):
+    """A run started in the background by a shell without job control ignores SIGINT; SIGTERM
+    stops it as Ctrl-C would: a checkpoint, exit code 130, and --resume goes on from it."""
+    out = tmp_path / "run"
+    flags = ["--model", tiny_dir, "--data", "demo", "--demo_rows", "32", "--batch_size", "2", "--max_len", "64",
+             "--eval_generate", "0", "--progress", "false", "--log_every", "1", "--save_every", "0", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, "-m", "slimtune.cli", "train", "--steps", "100000", *flags],
+                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err
+    assert "checkpoint written" in err and "Traceback" not in err
+    step = int(latest_checkpoint(out).name.split("-")[1])
+    assert step >= 1
+    done = subprocess.run([sys.executable, "-m", "slimtune.cli", "train", "--steps", str(step + 1), "--resume", "true",
+                           *flags], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == step + 1 and summary["steps_this_process"] == 1  # it went on from the checkpoint

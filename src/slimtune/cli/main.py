@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from ..adapters.helpers import count_parameters
@@ -306,7 +308,19 @@ def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentP
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler's preemption, a background job's stop) ends a command as
+    Ctrl-C does: a training run writes its checkpoint first. A background process started by a
+    shell without job control ignores SIGINT, so SIGTERM is the way to stop one cleanly."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _interrupt_on_sigterm()
     parser = build_parser()
     args, extras = parser.parse_known_args(join_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     if extras:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -258,6 +259,20 @@ def train_settings(cfg: StudyConfig, job: Job, files: dict[str, Path], out: Path
             **lrs(job.entry, job.multiplier)}
 
 
+def run_child(command: list[str], log: Path) -> int:
+    """Run a training process, its output appended to log; its exit code. When the study is
+    stopped (Ctrl-C, SIGTERM), the run is stopped with SIGTERM and waited for: it writes its
+    checkpoint, and the next invocation resumes it."""
+    with log.open("a") as f:
+        child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            child.send_signal(signal.SIGTERM)
+            child.wait()
+            raise
+
+
 def run_job(cfg: StudyConfig, job: Job, files: dict[str, Path], root: Path) -> dict:
     """Train the job (resuming it where it stopped); its summary.json, or {'error': ...}."""
     out = root / "runs" / job.key
@@ -278,11 +293,10 @@ def run_job(cfg: StudyConfig, job: Job, files: dict[str, Path], root: Path) -> d
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
                 if cfg.nproc > 1 else [sys.executable])
     command = launcher + ["-m", "slimtune.cli", "train", "--config", str(out / "study_train.yaml")]
-    with (out / "train.log").open("a") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if done.returncode != 0 or not (out / "summary.json").is_file():
+    code = run_child(command, out / "train.log")
+    if code != 0 or not (out / "summary.json").is_file():
         tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": f"exit code {done.returncode}: {tail[0][:300]}"}
+        return {"error": f"exit code {code}: {tail[0][:300]}"}
     return json.loads((out / "summary.json").read_text())
 
 
@@ -310,12 +324,10 @@ def run_sweep_jobs(cfg: StudyConfig, jobs: list[Job], files: dict[str, Path], ro
                                                  for n, s in zip(names, settings)]}, sort_keys=False))
         command = [sys.executable, "-m", "slimtune.cli", "train", "--jobs", str(file), "--resume", "true",
                    "--progress", "false"]
-        with (where / "sweep_jobs.log").open("a") as log:
-            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        if done.returncode != 0:
+        code = run_child(command, where / "sweep_jobs.log")
+        if code != 0:
             tail = (where / "sweep_jobs.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            error = f"exit code {done.returncode}: {tail[0][:300]}"
+            error = f"exit code {code}: {tail[0][:300]}"
     out = {}
     for job in jobs:
         summary = root / "runs" / job.key / "summary.json"
