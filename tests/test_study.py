@@ -153,8 +153,19 @@ def test_a_claims_verdict_reads_both_measures_against_the_noise():
     assert verdict(level, "a", "b", "above").startswith("not at this scale")
     split = {"a": row(0.270, 1.60, 0.01), "b": row(0.280, 1.49)}  # ROUGE-L level, loss 0.11 worse
     assert verdict(split, "a", "b", "level").startswith("on ROUGE-L only")
-    assert "held-out loss: a below b" in verdict(split, "a", "b", "level")
+    assert "held-out loss: a worse than b" in verdict(split, "a", "b", "level")
     above = {"a": row(0.330, 1.40), "b": row(0.280, 1.49)}  # no spread: one point of margin
-    assert verdict(above, "a", "b", "above").startswith("confirmed") and "ROUGE-L: a above b" in verdict(above, "a", "b", "above")
+    assert verdict(above, "a", "b", "above").startswith("confirmed") and "ROUGE-L: a better than b" in verdict(above, "a", "b", "above")
     assert verdict(above, "b", "a", "above").startswith("not at this scale")
     assert verdict({"a": row(0.330, 1.60), "b": row(0.280, 1.49)}, "a", "b", "above").startswith("on ROUGE-L only")
+
+
+def test_the_cost_columns_say_how_far_seeds_drift():
+    from slimtune.recipes.study_report import drift
+
+    def final(name, step, peak):
+        return {"kind": "final", "name": name, "seconds_per_step": step, "peak_memory_bytes": peak}
+
+    records = [final("a", 2.0, 100), final("a", 3.0, 110), final("b", 1.0, 50)]  # b: one seed, no spread
+    assert "step time by up to 50 %" in drift(records) and "peak memory by up to 10 %" in drift(records)
+    assert drift([final("b", 1.0, 50)]) == ""

@@ -109,6 +109,27 @@ def differs(a: tuple, b: tuple) -> bool:
     return abs(a[0] - b[0]) > (2 * max(spreads) if spreads else 0.01)
 
 
+def drift(records: list[dict]) -> str:
+    """How far one method's step time and peak memory move between its seeds: the study's runs are
+    made minutes or hours apart, so its cost columns are indicative; bench/step.py takes the
+    per-step ratios in one run."""
+    spread = {}
+    for key in ("seconds_per_step", "peak_memory_bytes"):
+        per_name: dict[str, list[float]] = {}
+        for r in records:
+            if r["kind"] == "final" and r.get(key):
+                per_name.setdefault(r["name"], []).append(r[key])
+        ratios = [max(v) / min(v) for v in per_name.values() if len(v) > 1]
+        if ratios:
+            spread[key] = 100 * (max(ratios) - 1)
+    if not spread:
+        return ""
+    parts = [f"{'step time' if k == 'seconds_per_step' else 'peak memory'} by up to {v:.0f} %" for k, v in spread.items()]
+    return ("The cost columns come from runs made apart in time, and the seeds of one method differ in "
+            + " and ".join(parts) + ": read them as indicative, and bench/step.py's ratios, taken in one run, as "
+            "the per-step cost (docs/benchmarks.md).")
+
+
 def _claim(summary: dict, metric: str, a: str, b: str) -> str | None:
     if a not in summary or b not in summary:
         return None
@@ -126,7 +147,7 @@ def verdict(summary: dict, a: str, b: str, claim: str) -> str:
         apart = differs(x, y)
         better = sign * (x[0] - y[0]) > 0
         holds[label] = (not apart) if claim == "level" else (apart and better)
-        holds[label] = (holds[label], "level with" if not apart else "above" if better else "below")
+        holds[label] = (holds[label], "level with" if not apart else "better than" if better else "worse than")
     agree = [k for k, (ok, _) in holds.items() if ok]
     where = "; ".join(f"{k}: {a} {rel} {b}" for k, (_, rel) in holds.items())
     if len(agree) == 2:
@@ -138,8 +159,7 @@ def verdict(summary: dict, a: str, b: str, claim: str) -> str:
 
 def claims(summary: dict) -> list[str]:
     """One paragraph per paper claim: its verdict at this scale on ROUGE-L on Alpaca+ (the mean
-    of the three splits) and on the held-out loss, with the numbers ('above' and 'below' read as
-    better and worse: a lower loss is above)."""
+    of the three splits) and on the held-out loss, with the numbers (a lower loss is better)."""
     m = "alpaca_rouge_l"
     out = []
 
@@ -267,7 +287,7 @@ def write_page(cfg, records: list[dict], params: dict[str, int]) -> Path:
             f"{seconds / 60:.0f} min. Reproduce: `{reproduce(cfg)}` (resumes; a finished study "
             "only writes this page again). " + sweep_saving(cfg, records), "",
             f"Mean ± standard deviation over {cfg.seeds} seeds for {', '.join(noisy) or 'no method'}; one seed for the "
-            "rest. Relative columns are against " + REFERENCE + ".", "",
+            "rest. Relative columns are against " + REFERENCE + ". " + drift(records), "",
             table(summary, order), "",
             f"![quality against trainable parameters](img/{pareto.name})", "",
             f"![validation loss curves](img/{curves.name})", "",
