@@ -187,6 +187,8 @@ def claims(summary: dict) -> list[str]:
     return out
 
 
+
+
 def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, Path]:
     import matplotlib
 
@@ -195,6 +197,10 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
 
     img.mkdir(parents=True, exist_ok=True)
     pareto, curves = img / f"{stem}_pareto.png", img / f"{stem}_val_loss.png"
+    # one colour per method, the same in both plots (tab20 has 20; the default cycle repeats after 10)
+    trained = [n for n in order if n in summary and summary[n]["trainable"]]
+    colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(trained)}
+    marker = {n: "osD^vPX"[i % 7] for i, n in enumerate(trained)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in order:
         s = summary.get(name)
@@ -204,12 +210,12 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
         if not s["trainable"]:
             ax.axhline(mean, color="grey", ls="--", lw=0.8, label=f"{name} (untrained)")
             continue
-        ax.errorbar([s["trainable"]], [mean], yerr=[sd or 0], fmt="o", capsize=3)
-        ax.annotate(name, (s["trainable"], mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.errorbar([s["trainable"]], [mean], yerr=[sd or 0], fmt=marker[name], capsize=3, color=colour[name],
+                    label=name)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("ROUGE-L, Alpaca+ (mean of 3 splits)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")  # a legend, not labels: 13 names crowd the points
     fig.tight_layout()
     fig.savefig(pareto, dpi=110)
     plt.close(fig)
@@ -217,7 +223,8 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
     for name in order:
         s = summary.get(name)
         if s and s["curve"]:
-            ax.plot(*zip(*s["curve"]), marker=".", label=name)
+            ax.plot(*zip(*s["curve"]), marker=marker.get(name, "."), ms=4, label=name, color=colour.get(name),
+                    ls="--" if name in trained and trained.index(name) % 2 else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (validation slice of the mix)")
     ax.legend(fontsize=7, ncol=2)
