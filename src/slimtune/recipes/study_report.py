@@ -227,7 +227,8 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
                     ls="--" if name in trained and trained.index(name) % 2 else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (validation slice of the mix)")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # no curves yet (a study of failures only): no legend
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(curves, dpi=110)
     plt.close(fig)
