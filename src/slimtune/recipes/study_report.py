@@ -215,7 +215,8 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log)")
     ax.set_ylabel("ROUGE-L, Alpaca+ (mean of 3 splits)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")  # a legend, not labels: 13 names crowd the points
+    if ax.get_legend_handles_labels()[0]:  # a legend, not labels: 13 names crowd the points
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(pareto, dpi=110)
     plt.close(fig)
