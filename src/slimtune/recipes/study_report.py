@@ -109,17 +109,22 @@ def differs(a: tuple, b: tuple) -> bool:
     return abs(a[0] - b[0]) > (2 * max(spreads) if spreads else 0.01)
 
 
+def _per_seed(records: list[dict], key: str) -> dict[str, list[float]]:
+    """Each method's final runs' `key` (e.g. seconds_per_step), one value per seed that has it."""
+    per_name: dict[str, list[float]] = {}
+    for r in records:
+        if r["kind"] == "final" and r.get(key):
+            per_name.setdefault(r["name"], []).append(r[key])
+    return per_name
+
+
 def drift(records: list[dict]) -> str:
     """How far one method's step time and peak memory move between its seeds: the study's runs are
     made minutes or hours apart, so its cost columns are indicative; bench/step.py takes the
     per-step ratios in one run."""
     spread = {}
     for key in ("seconds_per_step", "peak_memory_bytes"):
-        per_name: dict[str, list[float]] = {}
-        for r in records:
-            if r["kind"] == "final" and r.get(key):
-                per_name.setdefault(r["name"], []).append(r[key])
-        ratios = [max(v) / min(v) for v in per_name.values() if len(v) > 1]
+        ratios = [max(v) / min(v) for v in _per_seed(records, key).values() if len(v) > 1]
         if ratios:
             spread[key] = 100 * (max(ratios) - 1)
     if not spread:
@@ -187,8 +192,6 @@ def claims(summary: dict) -> list[str]:
     return out
 
 
-
-
 def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, Path]:
     import matplotlib
 
@@ -201,6 +204,7 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
     trained = [n for n in order if n in summary and summary[n]["trainable"]]
     colour = {n: plt.get_cmap("tab20")(i % 20) for i, n in enumerate(trained)}
     marker = {n: "osD^vPX"[i % 7] for i, n in enumerate(trained)}
+    line = {n: "--" if i % 2 else "-" for i, n in enumerate(trained)}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in order:
         s = summary.get(name)
@@ -225,7 +229,7 @@ def plots(summary: dict, order: list[str], img: Path, stem: str) -> tuple[Path, 
         s = summary.get(name)
         if s and s["curve"]:
             ax.plot(*zip(*s["curve"]), marker=marker.get(name, "."), ms=4, label=name, color=colour.get(name),
-                    ls="--" if name in trained and trained.index(name) % 2 else "-")
+                    ls=line.get(name, "-"))
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (validation slice of the mix)")
     if ax.get_legend_handles_labels()[0]:  # no curves yet (a study of failures only): no legend
@@ -245,10 +249,7 @@ def sweep_saving(cfg, records: list[dict]) -> str:
     """A sentence on the sweeps trained as jobs: their wall time, and what their steps alone would
     take one run after another (each method's final seconds per step × the sweep's steps)."""
     timed = [r for r in records if r["kind"] == "sweep_time"]
-    per_step: dict[str, list[float]] = {}
-    for r in records:
-        if r["kind"] == "final" and r.get("seconds_per_step"):
-            per_step.setdefault(r["name"], []).append(r["seconds_per_step"])
+    per_step = _per_seed(records, "seconds_per_step")
     timed = [r for r in timed if r["name"] in per_step]
     if not timed:
         return ""
